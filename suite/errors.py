@@ -1,0 +1,32 @@
+"""Exception classes the CLI turns into one clear line and a non-zero exit.
+
+Every message says what went wrong and what to do next.
+"""
+
+
+class CapsbenchError(Exception):
+    """Base class for errors a user can act on."""
+
+    exit_code = 2
+
+
+class DatasetError(CapsbenchError):
+    """A dataset is missing, corrupt or cannot be fetched."""
+
+
+class ChecksumError(DatasetError):
+    """A dataset file does not match its known checksum."""
+
+
+class ConfigError(CapsbenchError):
+    """A preset or config name is unknown, or a config is invalid."""
+
+
+class CheckpointError(CapsbenchError):
+    """A checkpoint or result file is missing, corrupt or belongs to another config."""
+
+
+class DivergenceError(CapsbenchError):
+    """Training produced a non-finite loss or collapsed; that config is stopped."""
+
+    exit_code = 3
