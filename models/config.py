@@ -1,0 +1,128 @@
+"""The architecture of a CapsNet as one frozen dataclass: the single source of a model's shape.
+
+Its `id` is a short hash of its fields, so a result always names exactly the network that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+BACKBONES = ("sahu", "sabour")
+PRIMARY_LAYOUTS = ("sabour", "flat")
+
+
+def stable_hash(obj: Any, length: int = 10) -> str:
+    """A short hash of a JSON-able object, independent of dict order and Python's hash seed."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    """Conv backbone -> PrimaryCaps -> IntermediateCaps x k -> class capsules.
+
+    `sahu` (the paper's code): three 3x3 Conv+BN+ReLU with P/4, P/2, P channels (strides 1, 2, 1), then
+    PrimaryCaps 3x3 stride 2. `sabour` (Sabour et al. 2017): one 9x9 conv with P channels, PrimaryCaps 9x9
+    stride 2. `backbone_channels` is the per-conv channel list; empty means the backbone's default.
+    """
+
+    backbone: str = "sahu"
+    in_channels: int = 1
+    image_size: int = 28
+    backbone_channels: tuple[int, ...] = ()
+    primary_types: int = 16
+    primary_dim: int = 12
+    # One (num_capsules, capsule_dim) pair per intermediate (fully connected, routed) capsule layer.
+    intermediate: tuple[tuple[int, int], ...] = ()
+    num_classes: int = 10
+    class_dim: int = 16
+    routing_iters: int = 3
+    # "sabour": a capsule is `dim` channels at one position; "flat": the paper's code reshapes without a
+    # permute, so a capsule is `dim` neighbouring values of one channel.
+    primary_layout: str = "sabour"
+    decoder: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON) but store tuples so the config stays hashable and frozen.
+        object.__setattr__(self, "backbone_channels", tuple(int(c) for c in self.backbone_channels))
+        object.__setattr__(self, "intermediate", tuple((int(n), int(d)) for n, d in self.intermediate))
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.primary_layout not in PRIMARY_LAYOUTS:
+            raise ValueError(
+                f"unknown primary_layout {self.primary_layout!r}; choose one of {PRIMARY_LAYOUTS}"
+            )
+        if self.routing_iters < 1:
+            raise ValueError("routing_iters must be >= 1")
+        if len(self.conv_channels) != len(self.default_channels()):
+            raise ValueError(
+                f"backbone {self.backbone!r} has {len(self.default_channels())} convs, "
+                f"got backbone_channels={self.backbone_channels}"
+            )
+
+    def default_channels(self) -> tuple[int, ...]:
+        return (48, 96, 192) if self.backbone == "sahu" else (256,)
+
+    @property
+    def conv_channels(self) -> tuple[int, ...]:
+        return self.backbone_channels or self.default_channels()
+
+    @property
+    def primary_channels(self) -> int:
+        return self.primary_types * self.primary_dim
+
+    @property
+    def primary_grid(self) -> int:
+        """Side of the primary capsule grid for this input size."""
+        size = self.image_size
+        if self.backbone == "sahu":
+            size = (size + 2 - 3) // 2 + 1  # conv2: 3x3, stride 2, padding 1 (conv1, conv3 keep the size)
+            return (size - 3) // 2 + 1  # PrimaryCaps: 3x3, stride 2, no padding
+        size = size - 9 + 1  # conv1: 9x9, stride 1
+        return (size - 9) // 2 + 1  # PrimaryCaps: 9x9, stride 2
+
+    @property
+    def num_primary_caps(self) -> int:
+        grid = self.primary_grid
+        return self.primary_types * grid * grid
+
+    @property
+    def caps_shapes(self) -> list[tuple[int, int]]:
+        """(num_capsules, dim) of every capsule layer, PrimaryCaps first, class capsules last."""
+        return [
+            (self.num_primary_caps, self.primary_dim),
+            *self.intermediate,
+            (self.num_classes, self.class_dim),
+        ]
+
+    @property
+    def depth(self) -> int:
+        """Number of intermediate capsule layers."""
+        return len(self.intermediate)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["backbone_channels"] = list(self.backbone_channels)
+        d["intermediate"] = [list(p) for p in self.intermediate]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CapsNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown CapsNetConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @property
+    def id(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+def caps_label(shapes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> str:
+    """'16x12-16x12' for a list of (num_caps, dim) pairs; '-' for none."""
+    return "-".join(f"{n}x{d}" for n, d in shapes) or "-"

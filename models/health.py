@@ -1,0 +1,111 @@
+"""Activation health: forward hooks that record every capsule's length, and the inactive-capsule statistics.
+
+A capsule is inactive when both the mean and the std of its length over the evaluation set are below a
+threshold (Mitterreiter et al. 2023's dead-capsule rule, 0.01 by default); the mean-only count is kept beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+HIST_BINS = 50  # capsule lengths lie in [0, 1): 50 equal bins of width 0.02
+
+
+class CapsuleProbe:
+    """Context manager: records the capsule lengths (batch, caps) that each named capsule module outputs."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]]):
+        self.modules = modules
+        self.lengths: dict[str, list[torch.Tensor]] = {name: [] for name, _ in modules}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def record(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            self.lengths[name].append(output.detach().norm(dim=-1).float().cpu())  # (batch, caps)
+
+        return record
+
+    def __enter__(self) -> CapsuleProbe:
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Lengths per layer over everything seen: (samples, caps)."""
+        return {name: torch.cat(chunks) for name, chunks in self.lengths.items() if chunks}
+
+
+def layer_health(lengths: torch.Tensor, threshold: float = 0.01) -> dict:
+    """Statistics of one capsule layer from its lengths (samples, caps)."""
+    lengths = lengths.double()
+    per_mean = lengths.mean(dim=0)
+    per_std = lengths.std(dim=0, unbiased=False)
+    inactive = (per_mean < threshold) & (per_std < threshold)
+    inactive_mean_only = per_mean < threshold
+    flat = lengths.flatten().numpy()
+    counts, edges = np.histogram(flat, bins=HIST_BINS, range=(0.0, 1.0))
+    n = lengths.shape[1]
+    return {
+        "num_capsules": n,
+        "samples": lengths.shape[0],
+        "mean_length": float(flat.mean()),
+        "std_length": float(flat.std()),
+        "percentiles": {
+            f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(flat, PERCENTILES), strict=True)
+        },
+        "inactive": int(inactive.sum()),
+        "inactive_fraction": float(inactive.sum()) / n,
+        "inactive_mean_only": int(inactive_mean_only.sum()),
+        "inactive_mean_only_fraction": float(inactive_mean_only.sum()) / n,
+        "per_capsule_mean": [round(float(v), 6) for v in per_mean],
+        "per_capsule_std": [round(float(v), 6) for v in per_std],
+        "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()},
+    }
+
+
+@torch.no_grad()
+def capsule_health(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    threshold: float = 0.01,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Run `model` over `batches` of inputs and return per-layer health, in forward order.
+
+    The model must offer `capsule_modules()` -> [(name, module)], each module outputting (batch, caps, dim).
+    """
+    was_training = model.training
+    model.eval()
+    modules = model.capsule_modules()
+    try:
+        with CapsuleProbe(modules) as probe:
+            for x in batches:
+                model(x.to(device))
+    finally:
+        model.train(was_training)
+    lengths = probe.stacked()
+    layers = []
+    for name, module in modules:
+        stats = layer_health(lengths[name], threshold)
+        dim = getattr(module, "dim", None) or getattr(module, "out_dim", None)
+        layers.append({"name": name, "dim": dim, **stats})
+    total = sum(layer["num_capsules"] for layer in layers[1:])
+    dead = sum(layer["inactive"] for layer in layers[1:])
+    return {
+        "threshold": threshold,
+        "rule": "inactive: mean and std of the capsule's length over the evaluation set both below threshold",
+        "layers": layers,
+        # Routed layers only: PrimaryCaps has many more capsules and would swamp the totals.
+        "routed_inactive": dead,
+        "routed_capsules": total,
+        "routed_inactive_fraction": dead / total if total else 0.0,
+    }
