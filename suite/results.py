@@ -48,7 +48,9 @@ def read_result(path: Path, kind: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); delete it and rerun the stage (or use --force)") from e
+        raise CheckpointError(
+            f"{path}: not valid JSON ({e}); delete it and rerun the stage (or use --force)"
+        ) from e
     if data.get("kind") != kind:
         raise CheckpointError(f"{path}: expected a '{kind}' result, found '{data.get('kind')}'")
     version = data.get("schema_version")

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capsbench: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("capsbench: interrupted; finished stages are kept, rerun the same command to resume", file=sys.stderr)
+        print(
+            "capsbench: interrupted; finished stages are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -1,0 +1,52 @@
+"""`capsbench health RUN_DIR`: (re)measure activation health of a run's trained configs, e.g. at another threshold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from capsbench.suite import train as training
+from capsbench.suite.cli import options
+from capsbench.suite.errors import CheckpointError
+from capsbench.suite.presets import RunConfig
+from capsbench.suite.results import read_result
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "health",
+        help="measure inactive capsules per layer of a run's trained models",
+        description="Record every capsule's length over the evaluation set and count inactive capsules "
+        "(mean and std of the length both below --threshold). Writes health.json (or --output) per config.",
+    )
+    p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/smoke")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="inactive threshold (default: the config's, 0.01)"
+    )
+    p.add_argument("--output", default=training.HEALTH_FILE, help="file name to write in each config folder")
+    options.add_data_dir(p)
+    options.add_device(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    dirs = (
+        sorted(d for d in Path(args.run_dir).iterdir() if (d / training.CONFIG_FILE).is_file())
+        if Path(args.run_dir).is_dir()
+        else []
+    )
+    if not dirs:
+        raise CheckpointError(f"{args.run_dir}: no trained configs here; run 'capsbench train' first")
+    for d in dirs:
+        cfg = RunConfig.from_dict(read_result(d / training.CONFIG_FILE, "config")["config"])
+        if not training.is_trained(d):
+            print(f"{cfg.id}: not trained (or failed), skipped")
+            continue
+        splits = training.load_splits(cfg, args.data_dir)
+        health = training.measure_health(
+            cfg, d, splits, device=args.device, threshold=args.threshold, output=args.output
+        )
+        per_layer = " ".join(
+            f"{lay['name']}={lay['inactive']}/{lay['num_capsules']}" for lay in health["layers"]
+        )
+        print(f"{cfg.id}: threshold {health['threshold']}: {per_layer}")
+    return 0

@@ -1,0 +1,81 @@
+"""Options shared by several subcommands, defined once so they read the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from capsbench.suite.errors import ConfigError
+from capsbench.suite.presets import RunConfig, get_preset
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="dataset folder (default: $CAPSBENCH_DATA, else ~/.cache/capsbench/data)",
+    )
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)"
+    )
+
+
+def add_grid(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", default="smoke", help="named grid of configs (default: smoke; see 'capsbench presets')"
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="ID",
+        default=None,
+        help="only the configs whose id starts with one of these prefixes",
+    )
+    p.add_argument(
+        "--runs-dir", type=Path, default=Path("runs"), help="where runs are kept (default: ./runs)"
+    )
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="name of the run folder (default: the preset's name, so rerunning resumes it)",
+    )
+    p.add_argument(
+        "--dataset", default=None, help="override the preset's dataset (mnist, fashion-mnist, ...)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    p.add_argument(
+        "--train-subset", type=int, default=None, help="override: train on the first N shuffled images"
+    )
+    p.add_argument(
+        "--eval-subset", type=int, default=None, help="override: evaluate on the first N test images"
+    )
+    p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+
+
+def select_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """The preset's configs with the command line's overrides and filters applied."""
+    configs = get_preset(args.preset).configs()
+    overrides = {
+        k: getattr(args, k)
+        for k in ("dataset", "epochs", "train_subset", "eval_subset", "seed")
+        if getattr(args, k, None) is not None
+    }
+    if overrides.get("dataset") in ("cifar10", "svhn"):
+        overrides.update(in_channels=3, image_size=32)
+    configs = [c.replace(**overrides) for c in configs]
+    if args.configs:
+        configs = [c for c in configs if any(c.id.startswith(p) for p in args.configs)]
+        if not configs:
+            raise ConfigError(
+                f"no config of preset {args.preset!r} matches {args.configs}; "
+                f"see 'capsbench presets --preset {args.preset}' for the ids"
+            )
+    return configs
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    return args.runs_dir / (args.run_id or args.preset)

@@ -1,0 +1,148 @@
+"""Run configs and the named presets (grids of configs): `smoke`, `quick`, `paper` and the `sabour` reference.
+
+A RunConfig is what produces one trained model: the architecture plus data and schedule. Its id hashes all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from capsbench.models.config import CapsNetConfig, caps_label, stable_hash
+from capsbench.suite.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: CapsNetConfig
+    dataset: str = "fashion-mnist"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_decay: float = 0.96  # ExponentialLR gamma per epoch; 1.0 = constant (the paper's code)
+    weight_decay: float = 2e-7
+    m_pos: float = 0.9
+    m_neg: float = 0.1
+    lam: float = 0.5
+    recon_weight: float = 0.0005  # used only when model.decoder is on
+    train_subset: int | None = None  # first N images of a seeded shuffle of the training split; None = all
+    eval_subset: int | None = None  # first N images of the test split; None = all
+    seed: int = 0
+    inactive_threshold: float = 0.01
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ConfigError(f"unknown RunConfig fields: {sorted(set(d) - known)}")
+        d["model"] = CapsNetConfig.from_dict(d["model"])
+        return cls(**d)
+
+    @property
+    def id(self) -> str:
+        return stable_hash(self.to_dict())
+
+    @property
+    def label(self) -> str:
+        """Human-readable: backbone, primary caps, intermediate layers, seed."""
+        m = self.model
+        inter = caps_label(m.intermediate) if m.intermediate else "none"
+        return f"{m.backbone} prim {m.primary_types}x{m.primary_dim} | inter {m.depth}: {inter} | seed {self.seed}"
+
+    def replace(self, **changes: Any) -> RunConfig:
+        model_changes = {k: changes.pop(k) for k in list(changes) if k in CapsNetConfig.__dataclass_fields__}
+        model = dataclasses.replace(self.model, **model_changes) if model_changes else self.model
+        return dataclasses.replace(self, model=model, **changes)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    build: Callable[[], list[RunConfig]]
+
+    def configs(self) -> list[RunConfig]:
+        return self.build()
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(name: str, description: str):
+    def wrap(fn: Callable[[], list[RunConfig]]) -> Callable[[], list[RunConfig]]:
+        PRESETS[name] = Preset(name, description, fn)
+        return fn
+
+    return wrap
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown preset {name!r}; known presets: {', '.join(PRESETS)} (see 'capsbench presets')"
+        ) from None
+
+
+def capsule_grid(base: RunConfig, num_caps: list[int], dims: list[int], depths: list[int]) -> list[RunConfig]:
+    """The paper's grid: capsule count n and dimension d for PrimaryCaps types and every intermediate layer
+    (the paper's code uses 16 x 12 for both), and the number of intermediate layers k."""
+    return [
+        base.replace(primary_types=n, primary_dim=d, intermediate=((n, d),) * k)
+        for k, n, d in itertools.product(depths, num_caps, dims)
+    ]
+
+
+@register_preset(
+    "smoke",
+    "2 tiny sahu nets (0 and 3 intermediate layers) on 12k Fashion-MNIST images, 2 epochs: "
+    "a few minutes on 2 CPU cores; used by the tests and CI",
+)
+def _smoke() -> list[RunConfig]:
+    base = RunConfig(
+        model=CapsNetConfig(backbone="sahu", backbone_channels=(16, 32, 64)),
+        epochs=2,
+        train_subset=12000,
+        eval_subset=2000,
+    )
+    return capsule_grid(base, num_caps=[8], dims=[8], depths=[0, 3])
+
+
+@register_preset(
+    "quick",
+    "the paper's sahu net (P=192) on full Fashion-MNIST, 5 epochs, 16 capsules x {8, 12, 16} "
+    "dims x {0, 1, 3, 5} intermediate layers: under an hour on one GPU",
+)
+def _quick() -> list[RunConfig]:
+    base = RunConfig(model=CapsNetConfig(backbone="sahu"), epochs=5)
+    return capsule_grid(base, num_caps=[16], dims=[8, 12, 16], depths=[0, 1, 3, 5])
+
+
+@register_preset(
+    "paper",
+    "the full grid: {8, 16, 32} capsules x {4, 8, 12, 16, 32} dims x 0-5 intermediate "
+    "layers, 30 epochs on full Fashion-MNIST (GPU; the schedule is assumed, see README)",
+)
+def _paper() -> list[RunConfig]:
+    base = RunConfig(model=CapsNetConfig(backbone="sahu"), epochs=30)
+    return capsule_grid(base, num_caps=[8, 16, 32], dims=[4, 8, 12, 16, 32], depths=[0, 1, 2, 3, 4, 5])
+
+
+@register_preset(
+    "sabour",
+    "the classic Sabour et al. 2017 CapsNet (9x9 convs, 32x8 primary caps, decoder): "
+    "the performance reference, 10 epochs",
+)
+def _sabour() -> list[RunConfig]:
+    model = CapsNetConfig(backbone="sabour", primary_types=32, primary_dim=8, decoder=True)
+    return [RunConfig(model=model, epochs=10)]

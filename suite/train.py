@@ -1,0 +1,301 @@
+"""Training of one RunConfig: seeded, resumable from atomic per-epoch checkpoints, stopped cleanly on divergence.
+
+Writes config.json, checkpoint.pt and metrics.json into the config's folder; health.json via `measure_health`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from capsbench.models import CapsNet, CapsNetConfig, build_capsnet, margin_loss, reconstruction_loss
+from capsbench.models.health import capsule_health
+from capsbench.suite import data as datasets
+from capsbench.suite.env import environment, pick_device
+from capsbench.suite.errors import CheckpointError, DivergenceError
+from capsbench.suite.presets import RunConfig
+from capsbench.suite.results import load_torch, read_result, save_torch, write_json
+
+CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, HEALTH_FILE = (
+    "config.json",
+    "checkpoint.pt",
+    "metrics.json",
+    "health.json",
+)
+EVAL_BATCH = 500
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """Where a training stage keeps its resumable checkpoint and its metrics (training and fine-tuning differ)."""
+
+    checkpoint: str = CHECKPOINT_FILE
+    metrics: str = METRICS_FILE
+
+
+TRAIN_FILES = StageFiles()
+
+
+@dataclass
+class Splits:
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_splits(cfg: RunConfig, data_dir: str | Path | None = None) -> Splits:
+    """The config's dataset, cut to its subsets: a seeded shuffle of train, the first N test images."""
+    train_x, train_y = datasets.load_split(cfg.dataset, "train", data_dir)
+    test_x, test_y = datasets.load_split(cfg.dataset, "test", data_dir)
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    if tuple(train_x.shape[1:]) != shape:
+        from capsbench.suite.errors import ConfigError
+
+        raise ConfigError(
+            f"dataset {cfg.dataset} has images of shape {tuple(train_x.shape[1:])} but the model expects {shape}; "
+            "set in_channels/image_size to match"
+        )
+    if cfg.train_subset is not None and cfg.train_subset < len(train_x):
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[
+            : cfg.train_subset
+        ]
+        train_x, train_y = train_x[keep], train_y[keep]
+    if cfg.eval_subset is not None:
+        test_x, test_y = test_x[: cfg.eval_subset], test_y[: cfg.eval_subset]
+    return Splits(train_x, train_y, test_x, test_y)
+
+
+def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] on the device."""
+    return x.to(device, non_blocking=True).float().div_(255.0)
+
+
+def eval_batches(images: torch.Tensor, device: torch.device, batch: int = EVAL_BATCH):
+    for i in range(0, len(images), batch):
+        yield to_input(images[i : i + batch], device)
+
+
+@torch.no_grad()
+def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    """Top-1 accuracy: the longest class capsule is the prediction."""
+    model.eval()
+    correct = 0
+    for x, i in zip(eval_batches(images, device), range(0, len(images), EVAL_BATCH), strict=True):
+        pred = CapsNet.lengths(model(x)).argmax(dim=1).cpu()
+        correct += int((pred == labels[i : i + EVAL_BATCH]).sum())
+    return correct / max(len(images), 1)
+
+
+def model_from_state(state: dict, fallback: CapsNetConfig) -> CapsNet:
+    """Rebuild the network a checkpoint holds: its own architecture (a pruned net is smaller than its config's)."""
+    arch = state.get("model_config")
+    model = build_capsnet(CapsNetConfig.from_dict(arch) if arch else fallback)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def read_checkpoint(cfg: RunConfig, checkpoint: Path) -> dict:
+    """A checkpoint's contents, refusing a foreign file or one written for another config."""
+    state = load_torch(checkpoint)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(
+            f"{checkpoint}: not a capsbench checkpoint (no model state); rerun with --force"
+        )
+    if state.get("config_id") != cfg.id:
+        raise CheckpointError(
+            f"{checkpoint}: written for config {state.get('config_id')}, not {cfg.id}; "
+            "delete the folder or rerun with --force"
+        )
+    return state
+
+
+def load_model(cfg: RunConfig, checkpoint: Path) -> CapsNet:
+    """A trained (or pruned) model from a checkpoint of this config."""
+    return model_from_state(read_checkpoint(cfg, Path(checkpoint)), cfg.model)
+
+
+def is_trained(out_dir: Path, files: StageFiles = TRAIN_FILES) -> bool:
+    path = Path(out_dir) / files.metrics
+    if not path.is_file():
+        return False
+    try:
+        return read_result(path, "metrics").get("status") == "complete"
+    except CheckpointError:
+        return False
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: Path,
+    splits: Splits,
+    *,
+    device: str | torch.device | None = None,
+    force: bool = False,
+    progress: bool = True,
+    model: CapsNet | None = None,
+    epochs: int | None = None,
+    files: StageFiles = TRAIN_FILES,
+) -> dict:
+    """Train (or resume, or skip when finished) one config; returns the metrics written to `files.metrics`.
+
+    With `model`, training starts from that network (e.g. a pruned one, for fine-tuning) instead of a fresh
+    one, for `epochs` epochs (default: the config's); the checkpoint records the network's own architecture.
+    """
+    out_dir = Path(out_dir)
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    epochs = cfg.epochs if epochs is None else epochs
+    ckpt_path = out_dir / files.checkpoint
+    if force:
+        for name in (files.checkpoint, files.metrics):
+            (out_dir / name).unlink(missing_ok=True)
+    elif is_trained(out_dir, files):
+        return read_result(out_dir / files.metrics, "metrics")
+    write_json(
+        out_dir / CONFIG_FILE, "config", {"config_id": cfg.id, "label": cfg.label, "config": cfg.to_dict()}
+    )
+
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    history: list[dict] = []
+    start_epoch, resumed_from = 1, None
+    state = read_checkpoint(cfg, ckpt_path) if ckpt_path.exists() else None
+    if state is not None:
+        model = model_from_state(state, cfg.model)
+    elif model is None:
+        model = build_capsnet(cfg.model)
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = resumed_from = state["epoch"] + 1
+
+    n = len(splits.train_x)
+    steps = math.ceil(n / cfg.batch_size)
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, epochs + 1):
+        model.train()
+        # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches of an uninterrupted one.
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        loss_sum, correct, seen = 0.0, 0, 0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(steps),
+            desc=f"train {cfg.id} epoch {epoch}/{epochs}",
+            disable=not progress,
+            leave=False,
+            unit="batch",
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x, y = to_input(splits.train_x[idx], device), splits.train_y[idx].to(device)
+            v = model(x)
+            lengths = CapsNet.lengths(v)
+            loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
+            if model.decoder is not None:
+                loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
+            if not torch.isfinite(loss):
+                raise DivergenceError(
+                    f"config {cfg.id}: loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
+                    "lower the learning rate (lr) or check the data"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((lengths.argmax(dim=1) == y).sum())
+            seen += len(idx)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        test_acc = evaluate(model, splits.test_x, splits.test_y, device)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "test_acc": test_acc,
+                "lr": opt.param_groups[0]["lr"],
+                "train_seconds": train_seconds,
+                "train_images_per_s": seen / train_seconds,
+            }
+        )
+        sched.step()
+        save_torch(
+            ckpt_path,
+            {
+                "config_id": cfg.id,
+                "config": cfg.to_dict(),
+                "model_config": model.cfg.to_dict(),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+            },
+        )
+        if progress:
+            tqdm.write(
+                f"  {cfg.id} epoch {epoch}/{epochs}: loss {loss_sum / seen:.4f} "
+                f"train acc {correct / seen:.4f} test acc {test_acc:.4f} ({seen / train_seconds:.0f} img/s)"
+            )
+    if not history:
+        raise CheckpointError(f"{ckpt_path}: no finished epoch recorded; rerun with --force")
+    metrics = {
+        "config_id": cfg.id,
+        "label": cfg.label,
+        "status": "complete",
+        "epochs": epochs,
+        "test_accuracy": history[-1]["test_acc"],
+        "best_test_accuracy": max(h["test_acc"] for h in history),
+        "train_images": n,
+        "eval_images": len(splits.test_x),
+        "parameters": model.num_parameters(),
+        "resumed_from_epoch": resumed_from,
+        "wall_seconds_this_run": time.perf_counter() - t_start,
+        "train_seconds_total": sum(h["train_seconds"] for h in history),
+        "history": history,
+        "environment": environment(device),
+    }
+    write_json(out_dir / files.metrics, "metrics", metrics)
+    return metrics
+
+
+def write_failure(
+    out_dir: Path, cfg: RunConfig, status: str, error: str, files: StageFiles = TRAIN_FILES
+) -> dict:
+    """Record a config that could not finish, so the run goes on and the report can say why."""
+    metrics = {"config_id": cfg.id, "label": cfg.label, "status": status, "error": error}
+    write_json(Path(out_dir) / files.metrics, "metrics", metrics)
+    return metrics
+
+
+def measure_health(
+    cfg: RunConfig,
+    out_dir: Path,
+    splits: Splits,
+    *,
+    device: str | torch.device | None = None,
+    threshold: float | None = None,
+    checkpoint: str = CHECKPOINT_FILE,
+    output: str = HEALTH_FILE,
+) -> dict:
+    """Capsule lengths of every capsule layer over the evaluation set -> health.json."""
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    model = load_model(cfg, Path(out_dir) / checkpoint).to(device)
+    threshold = cfg.inactive_threshold if threshold is None else threshold
+    health = capsule_health(model, eval_batches(splits.test_x, device), threshold=threshold, device=device)
+    health = {"config_id": cfg.id, "label": cfg.label, "eval_images": len(splits.test_x), **health}
+    write_json(Path(out_dir) / output, "health", health)
+    return health
