@@ -66,15 +66,18 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     }
     if overrides.get("dataset") in ("cifar10", "svhn"):
         overrides.update(in_channels=3, image_size=32)
-    configs = [c.replace(**overrides) for c in configs]
+    pairs = [(c, c.replace(**overrides)) for c in configs]
     if args.configs:
-        configs = [c for c in configs if any(c.id.startswith(p) for p in args.configs)]
-        if not configs:
+        # Match the ids 'capsbench presets' lists as well as the ids after overrides (the run folders' names).
+        pairs = [
+            (c, o) for c, o in pairs if any(c.id.startswith(p) or o.id.startswith(p) for p in args.configs)
+        ]
+        if not pairs:
             raise ConfigError(
                 f"no config of preset {args.preset!r} matches {args.configs}; "
                 f"see 'capsbench presets --preset {args.preset}' for the ids"
             )
-    return configs
+    return [o for _, o in pairs]
 
 
 def run_dir(args: argparse.Namespace) -> Path:

@@ -1,0 +1,325 @@
+"""Training on real Fashion-MNIST through the CLI: accuracy, health, resume after a kill, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsbench.suite import train as training
+from capsbench.suite.cli import main
+from capsbench.suite.presets import get_preset
+from capsbench.suite.results import read_result
+
+SMOKE = get_preset("smoke").configs()
+SHALLOW = next(c for c in SMOKE if c.model.depth == 0)
+DEEP = next(c for c in SMOKE if c.model.depth >= 3)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, fashion_data_dir):
+    """`capsbench train --preset smoke` once, on the real data: the run folder and the exit code."""
+    runs = tmp_path_factory.mktemp("runs")
+    code = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--runs-dir",
+            str(runs),
+            "--data-dir",
+            str(fashion_data_dir),
+            "--no-progress",
+        ]
+    )
+    return runs / "smoke", code
+
+
+def test_smoke_preset_trains_every_config_and_writes_its_files(smoke_run):
+    run_dir, code = smoke_run
+    assert code == 0
+    assert read_result(run_dir / "run.json", "run")["preset"] == "smoke"
+    for cfg in SMOKE:
+        folder = run_dir / cfg.id
+        for name in ("config.json", "checkpoint.pt", "metrics.json", "health.json"):
+            assert (folder / name).is_file(), name
+        assert read_result(folder / "config.json", "config")["config"] == json.loads(
+            json.dumps(cfg.to_dict())
+        )
+
+
+def test_shallow_smoke_net_reaches_80_percent_on_real_fashion_mnist(smoke_run):
+    run_dir, _ = smoke_run
+    metrics = read_result(run_dir / SHALLOW.id / "metrics.json", "metrics")
+    assert metrics["status"] == "complete"
+    assert metrics["eval_images"] == 2000 and metrics["train_images"] == 12000
+    assert metrics["test_accuracy"] >= 0.80, metrics["test_accuracy"]
+    assert len(metrics["history"]) == SHALLOW.epochs
+    assert metrics["environment"]["torch"] == torch.__version__
+
+
+def test_deep_smoke_net_learns_well_above_chance(smoke_run):
+    run_dir, _ = smoke_run
+    assert read_result(run_dir / DEEP.id / "metrics.json", "metrics")["test_accuracy"] >= 0.5
+
+
+def test_trained_shallow_net_has_active_class_capsules(smoke_run):
+    run_dir, _ = smoke_run
+    health = read_result(run_dir / SHALLOW.id / "health.json", "health")
+    layers = {layer["name"]: layer for layer in health["layers"]}
+    assert list(layers) == ["primary", "class"]
+    assert layers["class"]["inactive"] == 0 and layers["class"]["num_capsules"] == 10
+    assert layers["class"]["samples"] == 2000
+    assert health["threshold"] == 0.01
+
+
+def test_deep_net_health_reports_every_routed_layer(smoke_run):
+    run_dir, _ = smoke_run
+    health = read_result(run_dir / DEEP.id / "health.json", "health")
+    assert [layer["name"] for layer in health["layers"]] == [
+        "primary",
+        "intermediate1",
+        "intermediate2",
+        "intermediate3",
+        "class",
+    ]
+    for layer in health["layers"]:
+        assert 0 <= layer["inactive"] <= layer["inactive_mean_only"] <= layer["num_capsules"]
+        assert len(layer["per_capsule_mean"]) == layer["num_capsules"]
+
+
+def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, capsys):
+    run_dir, _ = smoke_run
+    before = (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "smoke",
+                "--runs-dir",
+                str(run_dir.parent),
+                "--data-dir",
+                str(fashion_data_dir),
+                "--no-progress",
+                "--configs",
+                SHALLOW.id,
+            ]
+        )
+        == 0
+    )
+    assert time.perf_counter() - t0 < 20  # no training happened, only loading
+    assert (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns == before
+    assert SHALLOW.id in capsys.readouterr().out
+
+
+def test_health_command_remeasures_at_another_threshold(smoke_run, fashion_data_dir):
+    run_dir, _ = smoke_run
+    assert (
+        main(
+            [
+                "health",
+                str(run_dir),
+                "--threshold",
+                "0.5",
+                "--output",
+                "health_t05.json",
+                "--data-dir",
+                str(fashion_data_dir),
+            ]
+        )
+        == 0
+    )
+    loose = read_result(run_dir / DEEP.id / "health_t05.json", "health")
+    strict = read_result(run_dir / DEEP.id / "health.json", "health")
+    assert loose["threshold"] == 0.5
+    for a, b in zip(loose["layers"], strict["layers"], strict=True):
+        assert a["inactive"] >= b["inactive"]
+
+
+def _train_cmd(runs: Path, data_dir: Path, epochs: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "capsbench.suite.cli",
+        "train",
+        "--preset",
+        "smoke",
+        "--configs",
+        SHALLOW.id,
+        "--runs-dir",
+        str(runs),
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        str(epochs),
+        "--train-subset",
+        "3000",
+        "--eval-subset",
+        "500",
+        "--no-progress",
+    ]
+
+
+def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, fashion_data_dir):
+    cfg = SHALLOW.replace(epochs=3, train_subset=2000, eval_subset=300)
+    killed_runs, clean_runs = tmp_path / "killed", tmp_path / "clean"
+    ckpt = killed_runs / "smoke" / cfg.id / "checkpoint.pt"
+    proc = subprocess.Popen(
+        _train_cmd(killed_runs, fashion_data_dir, 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.stderr.read().decode()[-2000:]
+    time.sleep(1.0)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] < 3, "the kill came too late to test resuming"
+    assert not (ckpt.parent / "metrics.json").exists()
+    # No half-written temp files are left looking like results.
+    assert all(not p.name.endswith(".pt") or p.name == "checkpoint.pt" for p in ckpt.parent.iterdir())
+
+    done = subprocess.run(_train_cmd(killed_runs, fashion_data_dir, 3), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = read_result(ckpt.parent / "metrics.json", "metrics")
+    assert resumed["resumed_from_epoch"] == state["epoch"] + 1
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][: state["epoch"]] == state["history"]
+
+    # Resuming gives exactly the result of an uninterrupted run (seeded, per-epoch shuffles).
+    clean = subprocess.run(_train_cmd(clean_runs, fashion_data_dir, 3), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    uninterrupted = read_result(clean_runs / "smoke" / cfg.id / "metrics.json", "metrics")
+    assert [h["test_acc"] for h in uninterrupted["history"]] == [h["test_acc"] for h in resumed["history"]]
+
+
+def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, capsys):
+    real_loss = training.margin_loss
+    calls = {"n": 0}
+
+    def exploding_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss  # the first config blows up at step 3
+
+    monkeypatch.setattr(training, "margin_loss", exploding_loss)
+    code = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--runs-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(fashion_data_dir),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "600",
+            "--eval-subset",
+            "200",
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    cfgs = [c.replace(epochs=1, train_subset=600, eval_subset=200) for c in SMOKE]
+    first = read_result(tmp_path / "smoke" / cfgs[0].id / "metrics.json", "metrics")
+    assert first["status"] == "diverged" and "nan" in first["error"] and "step 3" in first["error"]
+    assert read_result(tmp_path / "smoke" / cfgs[1].id / "metrics.json", "metrics")["status"] == "complete"
+    assert "diverged" in capsys.readouterr().out
+
+
+def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, capsys):
+    cfg = SHALLOW.replace(epochs=1, train_subset=300, eval_subset=100)
+    folder = tmp_path / "smoke" / cfg.id
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--configs",
+            cfg.id,
+            "--runs-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(fashion_data_dir),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "300",
+            "--eval-subset",
+            "100",
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "checkpoint.pt: corrupt or unreadable checkpoint" in err and "--force" in err
+    assert err.count("\n") == 1
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_data_dir):
+    cfg = SHALLOW.replace(epochs=1, train_subset=300, eval_subset=100)
+    splits = training.load_splits(cfg, fashion_data_dir)
+    training.train(cfg, tmp_path / "a", splits, progress=False)
+    other = cfg.replace(seed=1)
+    (tmp_path / "b").mkdir()
+    os.replace(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+    with pytest.raises(training.CheckpointError, match="written for config"):
+        training.train(other, tmp_path / "b", splits, progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "nope"], "unknown preset 'nope'; known presets: smoke, quick, paper"),
+        (["train", "--configs", "zzzz"], "no config of preset 'smoke' matches"),
+        (["health", "/nonexistent/run"], "no trained configs here"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    for argv in (
+        ["--help"],
+        ["presets", "--help"],
+        ["train", "--help"],
+        ["health", "--help"],
+        ["data", "--help"],
+        ["data", "fetch", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        assert "usage: capsbench" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs_the_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "capsbench.suite.cli", "presets"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "smoke" in result.stdout
+
+
+def test_presets_lists_smoke_quick_paper_and_the_paper_grid_reaches_5_layers(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smoke", "quick", "paper"):
+        assert name in out
+    depths = {c.model.depth for c in get_preset("paper").configs()}
+    assert depths == {0, 1, 2, 3, 4, 5}
+    assert main(["presets", "--preset", "smoke"]) == 0
+    assert SHALLOW.id in capsys.readouterr().out
