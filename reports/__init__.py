@@ -1,0 +1,1 @@
+"""Jinja2 report rendering: reads result files only, writes one self-contained HTML file."""
