@@ -20,4 +20,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 .venv/bin/capsbench data fetch fashion-mnist
+
+# The report's browser test drives Debian's Chromium through Playwright (no browser download).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 echo "capsbench installed: .venv/bin/capsbench --help"

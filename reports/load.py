@@ -1,0 +1,71 @@
+"""Reading a run folder's result files into plain dicts: the report's only input.
+
+Knows the file names and kinds the stages write; refuses JSON from a newer schema than it understands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class ReportError(Exception):
+    """A run folder cannot be reported on (missing, empty, unreadable, newer schema)."""
+
+
+def read_json(path: Path, kind: str | None = None) -> dict[str, Any] | None:
+    """A result file's contents, None when it does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: unreadable result file ({e}); rerun the stage that writes it") from e
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ReportError(f"{path}: schema_version {version!r} is newer than this report understands")
+    if kind is not None and data.get("kind") != kind:
+        raise ReportError(f"{path}: expected a '{kind}' result, found '{data.get('kind')}'")
+    return data
+
+
+def load_config_dir(folder: Path) -> dict[str, Any] | None:
+    config = read_json(folder / "config.json", "config")
+    if config is None:
+        return None
+    prunes = []
+    for sub in sorted(folder.glob("prune_*/")):
+        result = read_json(sub / "prune.json", "prune")
+        if result is not None:
+            result["health_pruned"] = read_json(sub / "health_pruned.json", "health")
+            prunes.append(result)
+    sweeps = [read_json(p, "prune_sweep") for p in sorted(folder.glob("prune_sweep_*.json"))]
+    return {
+        "id": config["config_id"],
+        "label": config["label"],
+        "config": config["config"],
+        "metrics": read_json(folder / "metrics.json", "metrics"),
+        "health": read_json(folder / "health.json", "health"),
+        "prunes": prunes,
+        "sweeps": [s for s in sweeps if s],
+        "exports": {p.stem: read_json(p, "export") for p in sorted(folder.glob("export*.json"))},
+        "parity": {p.stem: read_json(p, "parity") for p in sorted(folder.glob("parity*.json"))},
+        "latency": read_json(folder / "latency.json", "latency"),
+        "latency_cpp": read_json(folder / "latency_cpp.json", "latency"),
+    }
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """Everything a run folder holds: run.json and one entry per config folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run folder; run 'capsbench all' (or 'capsbench train') first")
+    configs = [c for d in sorted(run_dir.iterdir()) if d.is_dir() and (c := load_config_dir(d)) is not None]
+    if not configs:
+        raise ReportError(
+            f"{run_dir}: no config results here; run 'capsbench all' (or 'capsbench train') first"
+        )
+    return {"dir": str(run_dir), "run": read_json(run_dir / "run.json", "run") or {}, "configs": configs}
