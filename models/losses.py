@@ -26,3 +26,33 @@ def margin_loss(
 def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sum of squared pixel errors per image, batch mean (weighted 0.0005 in Sabour et al.)."""
     return (recon - images).pow(2).flatten(1).sum(dim=1).mean()
+
+
+def ccm_loss(
+    feature_maps: list[torch.Tensor], detach: bool = False, off_diagonal: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
+    """Correlation-coefficient-matrix (CCM) term of the paper's code, summed over layers.
+
+    Per layer: the maps (batch, C, H, W) averaged over the batch, flattened to (C, H*W); the channel-by-channel
+    Pearson correlation matrix (C, C); the mean of its absolute values. Like the code (torch.corrcoef, then
+    abs().mean()) the mean includes the diagonal of ones, a constant 1/C; `off_diagonal` averages the
+    C(C-1) off-diagonal entries only, so decorrelated channels give 0. A constant channel (e.g. dead after
+    ReLU) has no correlation: its row is 0, not NaN. The paper's code detached the maps, so the term had no
+    gradient; `detach=True` reproduces that bug. Training subtracts a weight (0.01) times this value.
+    """
+    if not feature_maps:
+        raise ValueError("ccm_loss needs at least one feature map")
+    total = feature_maps[0].new_zeros((), dtype=torch.float32)
+    for fmap in feature_maps:
+        if detach:
+            fmap = fmap.detach()
+        m = fmap.float().mean(dim=0).flatten(1)  # (C, H*W)
+        m = m - m.mean(dim=1, keepdim=True)
+        z = m * torch.rsqrt((m * m).sum(dim=1, keepdim=True) + eps)  # unit rows
+        corr = (z @ z.T).abs()  # (C, C)
+        c = corr.shape[0]
+        if off_diagonal:
+            total = total + (corr.sum() - corr.diagonal().sum()) / max(c * (c - 1), 1)
+        else:
+            total = total + corr.mean()
+    return total

@@ -21,8 +21,13 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
 fi
 .venv/bin/capsbench data fetch fashion-mnist
 
-# The report's browser test drives Debian's Chromium through Playwright (no browser download).
-if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# Build and test tools from Debian, when missing and we may install them: cmake and g++ for the C++ runner
+# (export/cpp), Chromium for the report's browser test (driven by Playwright, no browser download).
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 echo "capsbench installed: .venv/bin/capsbench --help"

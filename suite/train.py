@@ -5,6 +5,7 @@ Writes config.json, checkpoint.pt and metrics.json into the config's folder; hea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from tqdm import tqdm
 
 from capsbench.models import CapsNet, CapsNetConfig, build_capsnet, margin_loss, reconstruction_loss
 from capsbench.models.health import capsule_health
+from capsbench.models.losses import ccm_loss
+from capsbench.models.pruning import FeatureMaps, backbone_blocks
 from capsbench.suite import data as datasets
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CheckpointError, DivergenceError
@@ -196,27 +199,35 @@ def train(
             unit="batch",
             dynamic_ncols=True,
         )
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x, y = to_input(splits.train_x[idx], device), splits.train_y[idx].to(device)
-            v = model(x)
-            lengths = CapsNet.lengths(v)
-            loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
-            if model.decoder is not None:
-                loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
-            if not torch.isfinite(loss):
-                raise DivergenceError(
-                    f"config {cfg.id}: loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
-                    "lower the learning rate (lr) or check the data"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((lengths.argmax(dim=1) == y).sum())
-            seen += len(idx)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        # CCM needs the backbone's post-ReLU maps: hooks only when the term is on, so the default path is as is.
+        ccm_maps = FeatureMaps(backbone_blocks(model), detach=False) if cfg.ccm_weight else None
+        ccm_sum = 0.0
+        with ccm_maps or contextlib.nullcontext():
+            for step in bar:
+                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                x, y = to_input(splits.train_x[idx], device), splits.train_y[idx].to(device)
+                v = model(x)
+                lengths = CapsNet.lengths(v)
+                loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
+                if model.decoder is not None:
+                    loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
+                if ccm_maps is not None:
+                    ccm = ccm_loss(list(ccm_maps.maps.values()), detach=cfg.ccm_detach)
+                    loss = loss - cfg.ccm_weight * ccm
+                    ccm_sum += ccm.item() * len(idx)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(
+                        f"config {cfg.id}: loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
+                        "lower the learning rate (lr) or check the data"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(idx)
+                correct += int((lengths.argmax(dim=1) == y).sum())
+                seen += len(idx)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
         test_acc = evaluate(model, splits.test_x, splits.test_y, device)
@@ -231,6 +242,8 @@ def train(
                 "train_images_per_s": seen / train_seconds,
             }
         )
+        if ccm_maps is not None:
+            history[-1]["train_ccm"] = ccm_sum / seen
         sched.step()
         save_torch(
             ckpt_path,

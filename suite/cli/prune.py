@@ -1,0 +1,133 @@
+"""`capsbench prune`: channel-prune a preset's trained configs, fine-tune them and re-measure activation health."""
+
+from __future__ import annotations
+
+import argparse
+
+from capsbench.models.pruning import CRITERIA
+from capsbench.suite import prune as pruning
+from capsbench.suite import train as training
+from capsbench.suite.cli import options
+from capsbench.suite.errors import CheckpointError, ConfigError
+from capsbench.suite.runner import config_dir
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ratios like 0,0.25,0.5, got {text!r}"
+        ) from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"ratios must lie in [0, 1), got {text!r}")
+    return values
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="channel-prune trained configs (CHIP), fine-tune, and measure inactive capsules again",
+        description="For every trained config of a preset: score the backbone convs' and PrimaryCaps' channels "
+        "on training images (CHIP by default), remove the lowest-scoring ones (whole capsule types for "
+        "PrimaryCaps), fine-tune, and write <config>/prune_<criterion>_b<B>_c<C>/{pruned.pt, prune.json, "
+        "health_pruned.json}. Finished settings are skipped; interrupted ones resume. Train first with "
+        "'capsbench train' and the same preset and options.",
+    )
+    options.add_grid(p)
+    options.add_data_dir(p)
+    options.add_device(p)
+    p.add_argument(
+        "--backbone", type=float, default=0.5, help="share of every backbone conv's channels to remove"
+    )
+    p.add_argument("--caps", type=float, default=0.5, help="share of PrimaryCaps capsule types to remove")
+    p.add_argument(
+        "--sweep",
+        type=_ratios,
+        default=None,
+        metavar="R,R,...",
+        help="prune at each ratio R for backbone and caps alike, e.g. 0,0.25,0.5,0.75 (overrides --backbone/--caps)",
+    )
+    p.add_argument(
+        "--grid", action="store_true", help="with --sweep: every (backbone, caps) pair of the ratios"
+    )
+    p.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default="chip",
+        help="chip: per-image CHIP, averaged (Sui et al. 2021); chip-mean: CHIP of the batch-averaged maps "
+        "(the paper's code); l1: filter L1 norms (default: chip)",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=pruning.DEFAULT_FINETUNE_EPOCHS,
+        help=f"epochs of fine-tuning after surgery, 0 for none (default: {pruning.DEFAULT_FINETUNE_EPOCHS})",
+    )
+    p.add_argument(
+        "--score-images",
+        type=int,
+        default=pruning.DEFAULT_SCORE_IMAGES,
+        help="training images the channel scores are computed on (default: 640). Per-image CHIP does one "
+        "eigendecomposition per channel per image: on a CPU, lower this or use chip-mean for wide layers",
+    )
+    p.add_argument(
+        "--intermediate",
+        type=float,
+        default=0.0,
+        help="also remove this share of every intermediate capsule layer's capsules, the least active first "
+        "(not output-preserving: routing re-normalises over the parents; default: 0)",
+    )
+    p.add_argument(
+        "--reinit-caps",
+        action="store_true",
+        help="re-initialise the routed capsule layers after pruning, as the paper's code does",
+    )
+    p.add_argument("--force", action="store_true", help="redo finished settings instead of skipping them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.grid and not args.sweep:
+        raise ConfigError("--grid needs --sweep R,R,... (the ratios to combine)")
+    if args.sweep:
+        pairs = (
+            [(b, c) for b in args.sweep for c in args.sweep] if args.grid else [(r, r) for r in args.sweep]
+        )
+    else:
+        pairs = [(args.backbone, args.caps)]
+    configs = options.select_configs(args)
+    run_dir = options.run_dir(args)
+    untrained = [c for c in configs if not (config_dir(run_dir, c) / training.METRICS_FILE).is_file()]
+    if untrained:
+        raise CheckpointError(
+            f"{len(untrained)} of {len(configs)} configs are not trained in {run_dir} "
+            f"({', '.join(c.id for c in untrained)}); run 'capsbench train --preset {args.preset}' first, with the "
+            "same overrides, or pick trained ones with --configs"
+        )
+    rows = []
+    for i, cfg in enumerate(configs, 1):
+        out = config_dir(run_dir, cfg)
+        if not training.is_trained(out):
+            print(f"[{i}/{len(configs)}] {cfg.id}: its training did not finish (see metrics.json), skipped")
+            continue
+        print(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}", flush=True)
+        splits = training.load_splits(cfg, args.data_dir)
+        rows += pruning.prune_sweep(
+            cfg,
+            out,
+            splits,
+            pairs,
+            args.criterion,
+            device=args.device,
+            finetune_epochs=args.finetune_epochs,
+            intermediate_ratio=args.intermediate,
+            reinit_caps_layers=args.reinit_caps,
+            score_images=args.score_images,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    print(pruning.format_sweep(rows))
+    print(f"results: {run_dir}/<config>/prune_{args.criterion}_b*_c*/prune.json")
+    return 0
