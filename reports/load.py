@@ -41,6 +41,8 @@ def load_config_dir(folder: Path) -> dict[str, Any] | None:
         result = read_json(sub / "prune.json", "prune")
         if result is not None:
             result["health_pruned"] = read_json(sub / "health_pruned.json", "health")
+            result["export"] = read_json(sub / "export.json", "export")
+            result["parity"] = read_json(sub / "parity.json", "parity")
             prunes.append(result)
     sweeps = [read_json(p, "prune_sweep") for p in sorted(folder.glob("prune_sweep_*.json"))]
     return {
@@ -52,7 +54,11 @@ def load_config_dir(folder: Path) -> dict[str, Any] | None:
         "prunes": prunes,
         "sweeps": [s for s in sweeps if s],
         "exports": {p.stem: read_json(p, "export") for p in sorted(folder.glob("export*.json"))},
-        "parity": {p.stem: read_json(p, "parity") for p in sorted(folder.glob("parity*.json"))},
+        # The trained net's parity, then each pruned net's (in its prune_* folder).
+        "parity": {
+            str(p.relative_to(folder).with_suffix("")): read_json(p, "parity")
+            for p in [*sorted(folder.glob("parity*.json")), *sorted(folder.glob("prune_*/parity.json"))]
+        },
         "latency": read_json(folder / "latency.json", "latency"),
         "latency_cpp": read_json(folder / "latency_cpp.json", "latency"),
     }

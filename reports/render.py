@@ -301,16 +301,19 @@ def pareto_chart(configs: list[dict], rows: list[dict]) -> str | None:
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for c in configs:
         ort = [r for r in rows if r["id"] == c["id"] and str(r["backend"]).startswith("ort") and r["p50"]]
-        for variant, acc in (
-            ("model", _acc(c)),
-            ("pruned", (p := _main_prune(c)) and p["summary"]["test_accuracy"]["after_finetune"]),
-        ):
+        variants = [("unpruned", "model", _acc(c))]
+        variants += [
+            ("pruned", p["folder"], p["summary"]["test_accuracy"]["after_finetune"])
+            for p in c["prunes"]
+            if p.get("status") == "complete"
+        ]
+        for group, variant, acc in variants:
             mine = [r for r in ort if r["variant"] == variant]
             if acc is None or not mine:
                 continue
             smallest = min(r["batch"] for r in mine)
             p50 = min(r["p50"] for r in mine if r["batch"] == smallest)
-            groups["unpruned" if variant == "model" else "pruned"].append((p50, 100 * acc))
+            groups[group].append((p50, 100 * acc))
     if not groups:
         return None
     return svg.scatter_chart(

@@ -15,3 +15,28 @@ def fashion_data_dir() -> Path:
     data_dir = data.resolve_data_dir(None)
     data.fetch("fashion-mnist", data_dir, progress=False)
     return data_dir
+
+
+SMOKE_ALL_ARGS = ["--batch-sizes", "1", "8", "--iters", "10", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def smoke_all_run(tmp_path_factory, fashion_data_dir) -> Path:
+    """`capsbench all --preset smoke` once per session on the real data (short timing settings)."""
+    from capsbench.suite.cli import main
+
+    runs = tmp_path_factory.mktemp("all")
+    code = main(
+        [
+            "all",
+            "--preset",
+            "smoke",
+            "--runs-dir",
+            str(runs),
+            "--data-dir",
+            str(fashion_data_dir),
+            *SMOKE_ALL_ARGS,
+        ]
+    )
+    assert code == 0, "capsbench all --preset smoke failed; see its output above"
+    return runs / "smoke"

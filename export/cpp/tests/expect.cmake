@@ -1,0 +1,21 @@
+# Run one command and check its exit code, and optionally its stdout/stderr, for the runner's CTest suite.
+#   cmake -DCMD="prog|arg|arg" -DCODE=3 [-DSTDERR=regex] [-DSTDOUT=regex] [-DONE_LINE=ON] [-DFILE=path] -P expect.cmake
+# ONE_LINE: stderr must be exactly one line (the runner's error contract). FILE: must exist afterwards.
+string(REPLACE "|" ";" cmd "${CMD}")
+execute_process(COMMAND ${cmd} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+set(report "command: ${CMD}\nexit code: ${rc}\nstdout:\n${out}\nstderr:\n${err}")
+if(NOT "${rc}" STREQUAL "${CODE}")
+  message(FATAL_ERROR "expected exit code ${CODE}\n${report}")
+endif()
+if(DEFINED STDERR AND NOT err MATCHES "${STDERR}")
+  message(FATAL_ERROR "stderr does not match '${STDERR}'\n${report}")
+endif()
+if(DEFINED STDOUT AND NOT out MATCHES "${STDOUT}")
+  message(FATAL_ERROR "stdout does not match '${STDOUT}'\n${report}")
+endif()
+if(ONE_LINE AND NOT err MATCHES "^capsbench-runner: [^\n]+\n$")
+  message(FATAL_ERROR "stderr is not one 'capsbench-runner: ...' line\n${report}")
+endif()
+if(DEFINED FILE AND NOT EXISTS "${FILE}")
+  message(FATAL_ERROR "${FILE} was not written\n${report}")
+endif()

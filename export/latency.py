@@ -1,0 +1,310 @@
+"""The one timing harness for every backend (ONNX Runtime, torch eager, torch.compile) and the batch-size sweep.
+
+Every backend is timed by `time_backend` on the same inputs in the same process, so ratios are side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RunFn = Callable[[], Any]
+Sync = Callable[[], None] | None
+# A backend turns a batch of float32 images into (run_fn, sync) for the harness.
+Prepare = Callable[[np.ndarray], tuple[RunFn, Sync]]
+
+DEFAULT_BATCH_SIZES = (1, 8, 32, 128)
+REFERENCE = "torch_eager"
+
+
+def summarize(durations_s: Sequence[float], batch: int = 1, first_s: float | None = None) -> dict[str, Any]:
+    """Latency statistics in ms (percentiles interpolate linearly) and throughput in images/s at the median."""
+    d = np.asarray(durations_s, dtype=np.float64) * 1e3
+    if d.size == 0:
+        raise ValueError("no timed iterations")
+    p50 = float(np.percentile(d, 50))
+    return {
+        "batch": batch,
+        "iters": int(d.size),
+        "p50_ms": p50,
+        "p90_ms": float(np.percentile(d, 90)),
+        "p99_ms": float(np.percentile(d, 99)),
+        "mean_ms": float(d.mean()),
+        "std_ms": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+        "min_ms": float(d.min()),
+        "max_ms": float(d.max()),
+        "first_run_ms": None if first_s is None else first_s * 1e3,
+        "throughput_ips": batch / (p50 / 1e3) if p50 > 0 else float("inf"),
+    }
+
+
+class _Timer:
+    """One backend's calls: the first run alone, untimed warm-up, then timed calls in one or more chunks."""
+
+    def __init__(self, run_fn: RunFn, sync: Sync, clock: Callable[[], float]):
+        self.run_fn, self.sync, self.clock = run_fn, sync, clock
+        self.first: float | None = None
+        self.durations: list[float] = []
+
+    def call(self) -> float:
+        t0 = self.clock()
+        self.run_fn()
+        if self.sync is not None:  # inside the timed region: asynchronous device work is counted
+            self.sync()
+        return self.clock() - t0
+
+    def warm(self, warmup: int, max_seconds: float | None) -> None:
+        self.first = spent = self.call()
+        for _ in range(max(warmup - 1, 0)):
+            if max_seconds is not None and spent > max_seconds:
+                break
+            spent += self.call()
+
+    def time(self, n: int, max_seconds: float | None, min_iters: int) -> None:
+        for _ in range(n):
+            if (
+                max_seconds is not None
+                and len(self.durations) >= min_iters
+                and sum(self.durations) > max_seconds
+            ):
+                return
+            self.durations.append(self.call())
+
+
+def time_backend(
+    run_fn: RunFn,
+    warmup: int = 10,
+    iters: int = 100,
+    sync: Sync = None,
+    *,
+    batch: int = 1,
+    max_seconds: float | None = None,
+    min_iters: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Time `run_fn` (one batch per call): the first call alone (compilation, cuDNN search, CUDA graph
+    capture land there), then warmup - 1 more untimed calls, then `iters` timed calls. `sync` runs inside
+    each timed call (torch.cuda.synchronize, IOBinding output sync) so asynchronous work is counted.
+    `max_seconds` stops warm-up and timing early (after at least `min_iters` timed calls) for slow backends.
+    """
+    timer = _Timer(run_fn, sync, clock)
+    timer.warm(warmup, max_seconds)
+    timer.time(iters, max_seconds, min_iters)
+    return summarize(timer.durations, batch, timer.first)
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+
+def ort_backend(session) -> Prepare:
+    """An OrtSession: plain run on CPU, IOBinding with device buffers on CUDA (see OrtSession.runner)."""
+    return session.runner
+
+
+def torch_backend(
+    model: torch.nn.Module, device: str | torch.device = "cpu", compile: bool = False
+) -> Prepare:
+    """torch eager (or torch.compile, whose errors surface on the first call) under inference_mode."""
+    device = torch.device(device)
+    model = model.eval().to(device)
+    fn = torch.compile(model, dynamic=False) if compile else model
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def prepare(images: np.ndarray) -> tuple[RunFn, Sync]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return fn(x)
+
+        return run, sync
+
+    return prepare
+
+
+def take_batch(images: np.ndarray, batch: int) -> np.ndarray:
+    """The first `batch` images, cycling through them when there are fewer."""
+    idx = np.arange(batch) % len(images)
+    return np.ascontiguousarray(images[idx], dtype=np.float32)
+
+
+def sweep(
+    backends: dict[str, Prepare],
+    images: np.ndarray,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    warmup: int = 10,
+    iters: int = 100,
+    rounds: int = 5,
+    max_seconds: float | None = None,
+    min_iters: int = 5,
+    flops_per_image: float | None = None,
+    reference: str = REFERENCE,
+    progress: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict[str, Any]]:
+    """Every backend at every batch size, one flat row each, timed exactly as `time_backend` does.
+
+    Within a batch size the timed calls are split into `rounds` and the backends take turns, so a change in
+    machine load (a shared CPU) hits them alike and their ratio stays fair. A failing backend records its
+    error and the sweep goes on.
+    """
+    rows: list[dict[str, Any]] = []
+    per_round = max(1, -(-iters // max(rounds, 1)))
+    for b in batch_sizes:
+        x = take_batch(images, b)
+        batch_rows: dict[str, dict[str, Any]] = {}
+        timers: dict[str, _Timer] = {}
+        for name, prepare in backends.items():
+            batch_rows[name] = {"backend": name, "batch": b}
+            try:
+                timers[name] = _Timer(*prepare(x), clock)
+                timers[name].warm(warmup, max_seconds)
+            except Exception as e:  # noqa: BLE001 - the sweep records any backend failure and goes on
+                timers.pop(name, None)
+                batch_rows[name].update(status="error", error=_error(e))
+        while timers and any(len(t.durations) < iters for t in timers.values()):
+            before = {n: len(t.durations) for n, t in timers.items()}
+            for name, timer in list(timers.items()):
+                n = min(per_round, iters - len(timer.durations))
+                try:
+                    timer.time(n, max_seconds, min_iters)
+                except Exception as e:  # noqa: BLE001
+                    timers.pop(name)
+                    batch_rows[name].update(status="error", error=_error(e))
+            if all(len(t.durations) == before[n] for n, t in timers.items()):
+                break  # every backend used up its max_seconds
+        for name, timer in timers.items():
+            row = batch_rows[name]
+            row.update(summarize(timer.durations, b, timer.first), status="ok")
+            if flops_per_image:
+                row["gflops_per_s"] = flops_per_image * b / (row["p50_ms"] / 1e3) / 1e9
+        add_speedups(list(batch_rows.values()), reference)
+        for row in batch_rows.values():
+            if progress is not None:
+                progress(_describe(row))
+            rows.append(row)
+        del timers
+    return rows
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip()[:500]}"
+
+
+def add_speedups(rows: list[dict[str, Any]], reference: str = REFERENCE) -> None:
+    """speedup_vs_<reference> = reference p50 / backend p50, for rows of one batch size."""
+    ref = next((r for r in rows if r["backend"] == reference and r.get("status") == "ok"), None)
+    for r in rows:
+        if ref is not None and r.get("status") == "ok":
+            r[f"speedup_vs_{reference}"] = ref["p50_ms"] / r["p50_ms"]
+
+
+def _describe(row: dict[str, Any]) -> str:
+    if row.get("status") != "ok":
+        return f"  batch {row['batch']:>4} {row['backend']:<16} error: {row.get('error', '')[:100]}"
+    return (
+        f"  batch {row['batch']:>4} {row['backend']:<16} p50 {row['p50_ms']:9.3f} ms  "
+        f"p90 {row['p90_ms']:9.3f}  first {row['first_run_ms']:9.1f}  {row['throughput_ips']:9.0f} img/s"
+    )
+
+
+def format_table(rows: list[dict[str, Any]], reference: str = REFERENCE) -> str:
+    """p50 (ms) per batch size and backend, and each backend's speedup over the reference (x > 1: faster)."""
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    others = [b for b in backends if b != reference]
+    head = f"{'batch':>6}" + "".join(f"{b + ' p50 ms':>24}" for b in backends)
+    head += "".join(f"{'x vs ' + reference + ' (' + b + ')':>34}" for b in others)
+    lines = [head, "-" * len(head)]
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        cells = {r["backend"]: r for r in rows if r["batch"] == batch}
+        line = f"{batch:>6}"
+        for b in backends:
+            r = cells.get(b, {})
+            line += f"{r['p50_ms']:>24.3f}" if r.get("status") == "ok" else f"{'error':>24}"
+        for b in others:
+            s = cells.get(b, {}).get(f"speedup_vs_{reference}")
+            line += f"{s:>33.2f}x" if s is not None else f"{'-':>34}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- machine reference
+
+
+def gemm_gflops(n: int = 2048, iters: int = 5, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """This machine's fp32 GEMM rate (an n x n torch.matmul at torch's current thread count): the roofline
+    that a model's achieved GFLOP/s is compared with."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    stats = time_backend(lambda: torch.matmul(a, b), warmup=2, iters=iters, sync=sync)
+    return {
+        "n": n,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "p50_ms": stats["p50_ms"],
+        "gflops_per_s": 2 * n**3 / (stats["p50_ms"] / 1e3) / 1e9,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def runtime_environment() -> dict[str, Any]:
+    """What timings were measured on: CPU, threads, runtime versions, GPU and driver when present."""
+    import onnx
+    import onnxruntime as ort
+
+    from capsbench.export.sessions import default_threads
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_cores": default_threads(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "ort_available_providers": ort.get_available_providers(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": torch.version.cuda,
+    }
+    if hasattr(os, "getloadavg"):  # other work on a shared machine skews CPU timings: record how busy it was
+        env["load_avg_1m"] = os.getloadavg()[0]
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_driver"] = _gpu_driver()
+    return env

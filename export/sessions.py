@@ -1,0 +1,256 @@
+"""The one ONNX Runtime session factory: provider choice (CUDA when it really runs, else CPU with explicit
+threads), graph optimisation, IOBinding and CUDA graphs on GPU; records the provider actually used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from capsbench.export.errors import ExportError, SessionError
+from capsbench.export.validate import REEXPORT_ADVICE
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+PROVIDERS = ("auto", "cpu", "cuda")
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# cuDNN's exhaustive conv search is the fastest steady state; its cost lands in the first run, which the
+# harness reports separately. TF32 off keeps fp32 results within the parity tolerance.
+DEFAULT_CUDA_OPTIONS = {
+    "device_id": 0,
+    "cudnn_conv_algo_search": "EXHAUSTIVE",
+    "cudnn_conv_use_max_workspace": "1",
+    "do_copy_in_default_stream": "1",
+    "arena_extend_strategy": "kNextPowerOfTwo",
+    "use_tf32": "0",
+}
+
+
+def default_threads() -> int:
+    """The cores this process may run on (what torch uses by default too)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cuda_device_present() -> bool:
+    """Whether a CUDA GPU is visible. onnxruntime-gpu lists its CUDA provider even on machines with none."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    return Path("/dev/nvidiactl").exists()
+
+
+@dataclass
+class OrtSession:
+    """An InferenceSession and what it really runs on. `run` takes and returns numpy; `runner` prepares a
+    zero-argument call for timing (IOBinding with device buffers on CUDA)."""
+
+    session: ort.InferenceSession
+    path: Path
+    provider: str  # the provider actually used: session.get_providers()[0]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == CUDA
+
+    def check_input(self, shape: tuple[int, ...]) -> None:
+        """ExportError naming the file when `shape` does not fit the graph's input (fixed axes must match)."""
+        expected = self.session.get_inputs()[0].shape
+        ok = len(shape) == len(expected) and all(
+            not isinstance(e, int) or e == s for e, s in zip(expected, shape, strict=True)
+        )
+        if not ok:
+            raise ExportError(
+                f"{self.path}: input '{self.input_name}' has shape {expected} but the images are "
+                f"{tuple(shape)}; use images of the model's size, or re-export the model for this input "
+                f"(capsbench export --force)"
+            )
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """The first output (class capsules) for a batch of float32 images."""
+        self.check_input(images.shape)
+        return self.session.run(self.output_names[:1], {self.input_name: np.ascontiguousarray(images)})[0]
+
+    def output_shapes(self, batch: int) -> list[tuple[int, ...]] | None:
+        """Concrete output shapes at `batch`: axis 0 is the batch axis; None when another axis is symbolic."""
+        shapes = [(batch, *o.shape[1:]) for o in self.session.get_outputs()]
+        return shapes if all(isinstance(d, int) for s in shapes for d in s) else None
+
+    def runner(
+        self, images: np.ndarray, iobinding: bool | None = None
+    ) -> tuple[Callable[[], Any], Callable[[], None] | None]:
+        """(run_fn, sync) for the timing harness on this batch; run_fn returns the outputs' buffers.
+
+        With IOBinding (the default on CUDA) inputs and outputs live on the session's device in fixed
+        OrtValues, which CUDA graphs need, and no host<->device copy is timed; sync waits for the outputs.
+        """
+        self.check_input(images.shape)
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if not (self.on_cuda if iobinding is None else iobinding):
+            feed, names = {self.input_name: images}, self.output_names
+            return (lambda: self.session.run(names, feed)), None
+        device = "cuda" if self.on_cuda else "cpu"
+        device_id = int((self.info.get("cuda_options") or {}).get("device_id", 0))
+        binding = self.session.io_binding()
+        x = ort.OrtValue.ortvalue_from_numpy(images, device, device_id)
+        binding.bind_ortvalue_input(self.input_name, x)
+        shapes = self.output_shapes(len(images))
+        outs = []
+        if shapes is None:  # ORT allocates the outputs on the device (not possible with CUDA graphs)
+            if self.info.get("cuda_graph"):
+                raise SessionError(f"{self.path}: CUDA graphs need fixed output shapes; re-export the model")
+            for name in self.output_names:
+                binding.bind_output(name, device, device_id)
+        else:
+            outs = [
+                ort.OrtValue.ortvalue_from_shape_and_type(s, np.float32, device, device_id) for s in shapes
+            ]
+            for name, value in zip(self.output_names, outs, strict=True):
+                binding.bind_ortvalue_output(name, value)
+
+        def run() -> list[ort.OrtValue]:
+            self.session.run_with_iobinding(binding)
+            return outs or binding.get_outputs()
+
+        run.inputs = x  # the input buffer must outlive the binding
+        return run, binding.synchronize_outputs
+
+
+def _session_options(
+    threads: int, opt_level: str, optimized_model_path: str | Path | None, profile_prefix: str | None
+) -> ort.SessionOptions:
+    if opt_level not in OPT_LEVELS:
+        raise SessionError(f"unknown opt_level {opt_level!r}; choose one of {', '.join(OPT_LEVELS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = OPT_LEVELS[opt_level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1  # a chain of ops: parallelism is inside each op
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def make_session(
+    path: str | Path,
+    provider: str = "auto",
+    threads: int | None = None,
+    opt_level: str = "all",
+    optimized_model_path: str | Path | None = None,
+    cuda_graph: bool = False,
+    cuda_options: dict[str, Any] | None = None,
+    _profile_prefix: str | None = None,
+) -> OrtSession:
+    """An ONNX Runtime session for an ONNX file.
+
+    provider: 'cpu'; 'cuda' (SessionError unless the session really runs on CUDA); 'auto' (CUDA when this
+    onnxruntime has it and a GPU is present, else CPU; a CUDA attempt that falls back is recorded in
+    info['fallback']). threads: CPU intra-op threads (default: this process's cores). cuda_graph: capture
+    the whole graph on the first run (needs every node on CUDA and fixed IOBinding buffers: use `runner`).
+    """
+    path = Path(path)
+    if provider not in PROVIDERS:
+        raise SessionError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if not path.is_file():
+        raise ExportError(f"{path}: ONNX file not found; export the model first (capsbench export)")
+    threads = threads or default_threads()
+    available = ort.get_available_providers()
+    want_cuda = provider == "cuda" or (provider == "auto" and CUDA in available and cuda_device_present())
+    if provider == "cuda" and CUDA not in available:
+        raise SessionError(
+            f"--provider cuda: this onnxruntime ({ort.__version__}) has no CUDA provider (it has "
+            f"{', '.join(available)}); install onnxruntime-gpu, or use --provider cpu"
+        )
+    if cuda_graph and not want_cuda:
+        raise SessionError("CUDA graphs need the CUDA provider; drop cuda_graph or use provider='cuda'")
+
+    so = _session_options(threads, opt_level, optimized_model_path, _profile_prefix)
+    providers: list[Any] = [CPU]
+    opts: dict[str, Any] = {}
+    if want_cuda:
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels that torch installs
+            with contextlib.suppress(Exception):  # only a hint; session creation says what is missing
+                ort.preload_dlls()
+        opts = {**DEFAULT_CUDA_OPTIONS, **(cuda_options or {})}
+        if cuda_graph:
+            opts["enable_cuda_graph"] = "1"
+        providers = [(CUDA, {k: str(v) for k, v in opts.items()}), CPU]
+    try:
+        session = ort.InferenceSession(str(path), so, providers=providers)
+    except (
+        Exception
+    ) as e:  # ORT raises Fail/InvalidProtobuf/InvalidGraph/...: all mean "cannot use this file"
+        msg = f"{type(e).__name__}: {str(e).strip()[:1000]}"
+        if want_cuda and ("CUDA" in msg or "cuda" in msg or "graph capture" in msg):
+            raise SessionError(f"{path}: could not create a CUDA session ({msg})") from e
+        raise ExportError(f"{path}: ONNX Runtime cannot load it ({msg}); {REEXPORT_ADVICE}") from e
+
+    used = session.get_providers()[0]
+    fallback = None
+    if want_cuda and used != CUDA:
+        fallback = (
+            "ONNX Runtime could not create the CUDA provider and fell back to CPU (CUDA 13 / cuDNN 9 "
+            "libraries missing or no usable GPU; see ORT's log above)"
+        )
+        if provider == "cuda" or cuda_graph:
+            raise SessionError(f"{path}: --provider cuda was asked for but {fallback}; use --provider cpu")
+    info = {
+        "provider": used,
+        "requested": provider,
+        "providers": session.get_providers(),
+        "available_providers": available,
+        "fallback": fallback,
+        "threads": threads if used == CPU else None,
+        "opt_level": opt_level,
+        "cuda_graph": bool(cuda_graph and used == CUDA),
+        "cuda_options": opts if used == CUDA else None,
+        "onnxruntime": ort.__version__,
+    }
+    return OrtSession(session=session, path=path, provider=used, info=info)
+
+
+def node_placement(path: str | Path, images: np.ndarray, **session_kwargs: Any) -> dict[str, int]:
+    """Kernels per execution provider in one profiled run: nodes silently left on CPU show up here."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make_session(path, _profile_prefix=str(Path(tmp) / "placement"), **session_kwargs)
+        s.run(images)
+        events = json.loads(Path(s.session.end_profiling()).read_text())
+    counts = Counter(
+        e["args"].get("provider", "?")
+        for e in events
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+    )
+    return dict(counts)

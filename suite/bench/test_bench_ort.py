@@ -1,0 +1,33 @@
+"""ONNX Runtime and torch eager on the same exported model and inputs, per batch size (grouped side by side)."""
+
+from __future__ import annotations
+
+import torch
+
+from capsbench.export.latency import take_batch
+
+
+def _info(benchmark, bench, backend: str, batch: int, **extra) -> None:
+    benchmark.group = f"batch {batch}"
+    benchmark.extra_info.update(backend=backend, batch=batch, model=bench.label, **extra)
+
+
+def test_ort(benchmark, bench, batch):
+    run, sync = bench.session.runner(take_batch(bench.images, batch))
+    _info(benchmark, bench, f"ort_{'cuda' if bench.session.on_cuda else 'cpu'}", batch, **bench.session.info)
+    benchmark(run if sync is None else (lambda: (run(), sync())))
+
+
+def test_torch_eager(benchmark, bench, batch):
+    device = torch.device("cuda" if bench.session.on_cuda and torch.cuda.is_available() else "cpu")
+    model = bench.model.to(device)
+    x = torch.from_numpy(take_batch(bench.images, batch)).to(device)
+    _info(benchmark, bench, "torch_eager", batch, device=str(device), threads=torch.get_num_threads())
+
+    def run():
+        with torch.inference_mode():
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark(run)

@@ -1,0 +1,124 @@
+"""`capsbench export` and `capsbench time` on a briefly trained smoke config: files, resume, pruned variant,
+clear errors for an untrained config or a corrupt model."""
+
+import pytest
+
+from capsbench.models import CapsNetConfig, build_capsnet
+from capsbench.suite import train as training
+from capsbench.suite.cli import main
+from capsbench.suite.presets import get_preset
+from capsbench.suite.results import read_result, save_torch
+
+CFG = next(c for c in get_preset("smoke").configs() if c.model.depth == 0)
+TINY = ["--train-subset", "64", "--eval-subset", "32", "--epochs", "1"]
+PRUNE_DIR = "prune_chip_b0.50_c0.25"
+PRUNED = CapsNetConfig(**{**CFG.model.__dict__, "backbone_channels": (12, 24, 48), "primary_types": 6})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fashion_data_dir):
+    """A trained smoke config plus a pruned-shaped checkpoint beside it, then export and time."""
+    runs = tmp_path_factory.mktemp("runs")
+    common = [
+        "--preset",
+        "smoke",
+        "--configs",
+        CFG.id,
+        "--runs-dir",
+        str(runs),
+        "--data-dir",
+        str(fashion_data_dir),
+        *TINY,
+    ]
+    assert main(["train", *common, "--no-progress"]) == 0
+    (folder,) = [p for p in (runs / "smoke").iterdir() if p.is_dir()]
+    cfg_id = folder.name
+    state = training.read_checkpoint(
+        CFG.replace(train_subset=64, eval_subset=32, epochs=1), folder / "checkpoint.pt"
+    )
+    save_torch(  # where the pruning stage writes its final net: one sub-folder per pruning setting
+        folder / PRUNE_DIR / "pruned.pt",
+        {"config_id": cfg_id, "model_config": PRUNED.to_dict(), "model": build_capsnet(PRUNED).state_dict()},
+    )
+    assert state["config_id"] == cfg_id
+    export_code = main(["export", *common])
+    time_code = main(["time", *common, "--batch-sizes", "1", "2", "--iters", "2", "--warmup", "1"])
+    return folder, common, export_code, time_code
+
+
+def test_export_writes_onnx_export_and_parity_for_the_model_and_its_pruned_version(run):
+    folder, _, code, _ = run
+    assert code == 0
+    for onnx_name, export_name, parity_name in [
+        ("model.onnx", "export.json", "parity.json"),
+        (f"{PRUNE_DIR}/model.onnx", f"{PRUNE_DIR}/export.json", f"{PRUNE_DIR}/parity.json"),
+    ]:
+        assert (folder / onnx_name).is_file()
+        info = read_result(folder / export_name, "export")
+        assert info["exporter"] == "dynamo" and "Loop" not in info["op_census"]
+        par = read_result(folder / parity_name, "parity")
+        assert par["passed"] and par["images"] == 32
+    assert (
+        read_result(folder / PRUNE_DIR / "export.json", "export")["parameters"]
+        == build_capsnet(PRUNED).num_parameters()
+    )
+
+
+def test_time_writes_latency_with_environment_and_both_backends_per_batch(run, capsys):
+    folder, _, _, code = run
+    assert code == 0
+    lat = read_result(folder / "latency.json", "latency")
+    rows = lat["rows"]
+    assert {(r["variant"], r["backend"], r["batch"]) for r in rows} == {
+        (v, b, n) for v in ("model", PRUNE_DIR) for b in ("ort_cpu", "torch_eager") for n in (1, 2)
+    }
+    assert all(r["status"] == "ok" and r["p50_ms"] > 0 for r in rows)
+    assert all(r["speedup_vs_torch_eager"] > 0 and r["gemm_fraction"] > 0 for r in rows)
+    assert lat["sessions"]["model"]["provider"] == "CPUExecutionProvider"
+    assert (
+        lat["gemm"]["gflops_per_s"] > 0
+        and lat["flops_per_image"][PRUNE_DIR] < lat["flops_per_image"]["model"]
+    )
+    for key in ("cpu", "torch", "onnxruntime", "git_commit"):
+        assert key in lat["environment"]
+
+
+def test_finished_stages_are_skipped_and_force_redoes_them(run, capsys):
+    folder, common, _, _ = run
+    mtime = (folder / "model.onnx").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["export", *common]) == 0
+    assert "done" in capsys.readouterr().out
+    assert (folder / "model.onnx").stat().st_mtime_ns == mtime
+    assert main(["time", *common, "--batch-sizes", "1", "2", "--iters", "2", "--warmup", "1"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    # other settings are a different measurement: timed again
+    assert main(["time", *common, "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]) == 0
+    assert [r["batch"] for r in read_result(folder / "latency.json", "latency")["rows"]] == [1] * 4
+
+
+def test_a_config_not_trained_yet_is_a_clear_error(tmp_path, fashion_data_dir, capsys):
+    args = ["--preset", "smoke", "--runs-dir", str(tmp_path), "--data-dir", str(fashion_data_dir)]
+    assert main(["export", *args]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 selected configs is trained yet" in err and "capsbench train" in err
+    assert main(["time", *args]) == 2
+    assert "not trained yet" in capsys.readouterr().err
+
+
+def test_a_corrupt_model_file_is_one_clear_line(run, tmp_path, capsys):
+    import shutil
+
+    folder, common, _, _ = run
+    copy = tmp_path / "smoke" / folder.name
+    shutil.copytree(folder, copy)
+    (copy / "model.onnx").write_bytes(b"\x00garbage")
+    args = [
+        *common[: common.index("--runs-dir")],
+        "--runs-dir",
+        str(tmp_path),
+        *common[common.index("--runs-dir") + 2 :],
+    ]
+    assert main(["time", *args, "--batch-sizes", "1", "--iters", "2", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx" in err and "re-export" in err

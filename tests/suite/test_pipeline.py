@@ -1,0 +1,229 @@
+"""`capsbench all`: every stage end to end on real data, resume after kills, failures recorded per config."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from capsbench.suite import train as training
+from capsbench.suite.cli import main
+from capsbench.suite.presets import get_preset
+
+SMOKE = get_preset("smoke").configs()
+SHALLOW = next(c for c in SMOKE if c.model.depth == 0)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_all_runs_every_stage_for_every_config(smoke_all_run):
+    assert _json(smoke_all_run / "run.json")["preset"] == "smoke"
+    for cfg in SMOKE:
+        folder = smoke_all_run / cfg.id
+        record = _json(folder / "pipeline.json")
+        assert record["status"] == "complete"
+        assert {k: v["status"] for k, v in record.items() if isinstance(v, dict)} == {
+            "train": "ok",
+            "prune": "ok",
+            "export": "ok",
+            "time": "ok",
+            "cpp": "ok",
+        }
+        for name in (
+            "checkpoint.pt",
+            "metrics.json",
+            "health.json",
+            "model.onnx",
+            "export.json",
+            "parity.json",
+            "latency.json",
+            "latency_cpp.json",
+        ):
+            assert (folder / name).is_file(), name
+        prune_dir = next(folder.glob("prune_chip_b0.25_c0.25"))
+        assert (prune_dir / "health_pruned.json").is_file() and (prune_dir / "pruned.pt").is_file()
+        assert _json(folder / "parity.json")["passed"] is True
+        backends = {r["backend"] for r in _json(folder / "latency.json")["rows"]}
+        assert {"torch_eager", "ort_cpu"} <= backends
+        cpp = _json(folder / "latency_cpp.json")
+        assert all(p["passed"] for p in cpp["parity"].values())
+        assert {r["variant"] for r in cpp["rows"]} == {
+            r["variant"] for r in _json(folder / "latency.json")["rows"]
+        }
+    assert (smoke_all_run / "report.html").is_file()
+
+
+def _all_cmd(runs: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "capsbench.suite.cli",
+        "all",
+        "--preset",
+        "smoke",
+        "--runs-dir",
+        str(runs),
+        "--data-dir",
+        str(data_dir),
+        "--batch-sizes",
+        "1",
+        "8",
+        "--iters",
+        "5",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_all_killed_during_training_resumes_from_the_last_epoch(tmp_path, fashion_data_dir):
+    extra = [
+        "--configs",
+        SHALLOW.id,
+        "--epochs",
+        "2",
+        "--train-subset",
+        "1500",
+        "--eval-subset",
+        "300",
+        "--only",
+        "train",
+    ]
+    cfg = SHALLOW.replace(epochs=2, train_subset=1500, eval_subset=300)
+    ckpt = tmp_path / "smoke" / cfg.id / training.CHECKPOINT_FILE
+    proc = _start(_all_cmd(tmp_path, fashion_data_dir, *extra))
+    deadline = time.time() + 900
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt.parent / "metrics.json").exists(), "the kill came too late"
+    done = subprocess.run(_all_cmd(tmp_path, fashion_data_dir, *extra), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = _json(ckpt.parent / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["resumed_from_epoch"] == 2
+
+
+def test_all_killed_during_timing_resumes_without_redoing_finished_stages(
+    smoke_all_run, tmp_path, fashion_data_dir
+):
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_all_run, runs / "smoke")
+    target = runs / "smoke" / SMOKE[-1].id
+    for name in ("latency.json", "latency_cpp.json", "pipeline.json"):
+        (target / name).unlink()
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            target / "checkpoint.pt",
+            target / "model.onnx",
+            *target.glob("prune_*/prune.json"),
+            *target.glob("prune_*/pruned.pt"),
+        ]
+    }
+    proc = _start(_all_cmd(runs, fashion_data_dir))
+    seen, deadline = [], time.time() + 900
+    for line in proc.stdout:  # the second config's export stage is done: timing starts now
+        seen.append(line)
+        if SMOKE[-1].id in "".join(seen) and "export: ok" in line or time.time() > deadline:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (target / "latency_cpp.json").exists(), "the kill came too late"
+    done = subprocess.run(_all_cmd(runs, fashion_data_dir), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing finished was redone
+    assert (target / "latency.json").is_file() and (target / "latency_cpp.json").is_file()
+    assert _json(target / "pipeline.json")["status"] == "complete"
+    assert "report: " in done.stdout
+
+
+def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, capsys):
+    real_loss = training.margin_loss
+    calls = {"n": 0}
+
+    def exploding_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(training, "margin_loss", exploding_loss)
+    code = main(
+        [
+            "all",
+            "--preset",
+            "smoke",
+            "--runs-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(fashion_data_dir),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "400",
+            "--eval-subset",
+            "200",
+            "--only",
+            "train",
+            "report",
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    cfgs = [c.replace(epochs=1, train_subset=400, eval_subset=200) for c in SMOKE]
+    first = _json(tmp_path / "smoke" / cfgs[0].id / "pipeline.json")
+    assert first["status"] == "failed" and "diverged" not in first["train"]["status"]
+    assert "loss became nan" in first["train"]["error"]
+    assert _json(tmp_path / "smoke" / cfgs[0].id / "metrics.json")["status"] == "diverged"
+    assert _json(tmp_path / "smoke" / cfgs[1].id / "pipeline.json")["status"] == "complete"
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "report: " in out
+    assert "diverged" in (tmp_path / "smoke" / "report.html").read_text()
+
+
+def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir):
+    code = main(
+        [
+            "all",
+            "--preset",
+            "smoke",
+            "--configs",
+            SHALLOW.id,
+            "--runs-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(fashion_data_dir),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "300",
+            "--eval-subset",
+            "100",
+            "--seeds",
+            "2",
+            "--only",
+            "train",
+            "report",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    seeds = sorted(_json(p)["config"]["seed"] for p in (tmp_path / "smoke").glob("*/config.json"))
+    assert seeds == [0, 1]
+    assert "Mean ± std over seeds" in (tmp_path / "smoke" / "report.html").read_text()
