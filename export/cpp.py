@@ -212,7 +212,13 @@ def build_runner(
 
     ort_root: an ONNX Runtime root (include/, lib/); default $ONNXRUNTIME_ROOT, else `provision_ort()`.
     The CTest suite is configured too (`ctest --test-dir <build dir>`), with this Python for its fixtures.
+    $CAPSBENCH_RUNNER names a runner built ahead of time (the container image has no compiler).
     """
+    prebuilt = os.environ.get("CAPSBENCH_RUNNER")
+    if prebuilt and build_dir is None and ort_root is None:
+        if not Path(prebuilt).is_file():
+            raise BuildError(f"CAPSBENCH_RUNNER={prebuilt} is not a file; unset it to build the runner here")
+        return Path(prebuilt)
     _check_tools()
     say = progress or (lambda _: None)
     if ort_root is None and os.environ.get("ONNXRUNTIME_ROOT"):

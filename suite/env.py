@@ -5,6 +5,7 @@ Recorded in every run so reports and CI know whether two numbers are comparable.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -42,9 +43,11 @@ def git_commit() -> str | None:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
         )
-        return out.stdout.strip() or None
+        commit = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        return None
+        commit = None
+    # The container image has no git and no .git: its build records the commit instead.
+    return commit or os.environ.get("CAPSBENCH_GIT_COMMIT") or None
 
 
 def environment(device: torch.device | None = None) -> dict:

@@ -1,0 +1,575 @@
+"""Docker for capsbench through the `docker` SDK: build the image (progress streamed) and run the suite in it.
+
+Also what an offline build needs (CI has no image registry and no HTTPS to PyPI inside containers): local base
+images made with debootstrap, a wheelhouse filled by the host's pip, ONNX Runtime's headers, a private daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from capsbench.suite.errors import CapsbenchError
+
+DEFAULT_TAG = "capsbench"
+# Local images made with debootstrap (Debian 12, Python 3.11 like the project's machines): the runtime base,
+# and the builder with cmake and g++ for the C++ runner. Same suite, so the same python3 in both.
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+LOCAL_BASE = f"capsbench-base:{DEBIAN_SUITE}"
+LOCAL_BUILDER = f"capsbench-base-build:{DEBIAN_SUITE}"
+BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
+BUILDER_PACKAGES = (*BASE_PACKAGES, "cmake", "g++", "make")
+# Inside the build context (the checkout; build/ is git-ignored, .dockerignore lets build/docker/ through).
+EXTRAS = Path("build") / "docker"
+WHEELS = EXTRAS / "wheels"
+ORT_HEADERS = EXTRAS / "onnxruntime-include"
+# Defaults of the Dockerfile's TORCH and ORT build arguments.
+TORCH = "torch==2.13.0"
+ORT_GPU = "onnxruntime-gpu>=1.22,<1.33"
+# What the private daemon of CI and the tests keeps between runs on one machine (images, build cache, .debs).
+CACHE = Path(os.environ.get("CAPSBENCH_DOCKER_CACHE", "/var/tmp/capsbench-docker"))
+NETWORKS = ("none", "host")  # never the default bridge network
+
+Log = Callable[[str], None]
+
+
+class DockerError(CapsbenchError):
+    """Docker is missing, unreachable, or a build or run failed."""
+
+
+class DaemonUnavailable(DockerError):
+    """No Docker daemon answers."""
+
+
+class ImageMissing(DockerError):
+    """The image to run (or build on) does not exist."""
+
+
+class BuildFailed(DockerError):
+    """`docker build` stopped with an error."""
+
+
+# ------------------------------------------------------------------------------------------------ the daemon
+
+
+def client(base_url: str | None = None):
+    """A DockerClient that has answered a ping: $DOCKER_HOST (or `base_url`), else the default socket."""
+    try:
+        import docker
+    except ImportError as e:  # a dependency of the package; only a broken install lacks it
+        raise DockerError("the docker Python SDK is missing: pip install 'docker>=7'") from e
+    url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        c = docker.DockerClient(base_url=url, version="auto", timeout=300)
+        c.ping()
+    except Exception as e:  # DockerException, requests' ConnectionError, FileNotFoundError, ...
+        raise DaemonUnavailable(
+            f"no Docker daemon answers at {url} ({_one_line(e)}): start it (`sudo systemctl start docker`; "
+            f"without systemd, as root: `dockerd --bridge=none --iptables=false &`) or point DOCKER_HOST at a "
+            "running one"
+        ) from None
+    return c
+
+
+def start_daemon(root: Path = CACHE, timeout: float = 60) -> tuple[str, subprocess.Popen]:
+    """Start a private dockerd (root only) keeping its images in `root`/data, so they survive between runs.
+
+    No bridge network and no iptables rules: containers run with network "none" (or "host"). Returns the
+    daemon's address (unix://...) and its process; `stop_daemon` ends it.
+    """
+    if os.geteuid() != 0:
+        raise DockerError("starting a Docker daemon needs root (or start one yourself and set DOCKER_HOST)")
+    if not shutil.which("dockerd"):
+        raise DockerError("dockerd is not installed: apt-get install docker.io (Debian/Ubuntu)")
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / "docker.sock"
+    url = f"unix://{sock}"
+    with open(root / "dockerd.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                "dockerd",
+                f"--data-root={root / 'data'}",
+                f"--exec-root={root / 'exec'}",
+                f"--pidfile={root / 'dockerd.pid'}",
+                f"--host={url}",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (root / "dockerd.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise DockerError(f"dockerd exited with code {proc.returncode}: " + " | ".join(tail))
+        try:
+            client(url).close()
+            return url, proc
+        except DaemonUnavailable:
+            time.sleep(0.5)
+    stop_daemon(proc)
+    raise DockerError(f"dockerd did not answer at {url} within {timeout:.0f} s; see {root / 'dockerd.log'}")
+
+
+def stop_daemon(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the daemon we started (it stops its containers and its containerd), then wait."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def host_has_gpu() -> bool:
+    """True when nvidia-smi lists at least one GPU (the NVIDIA driver is there)."""
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0 and "GPU" in res.stdout
+
+
+def gpu_requests(gpus: str) -> list:
+    """DeviceRequests for `--gpus`: all (every GPU), none, or auto (all when the host has a GPU)."""
+    from docker.types import DeviceRequest
+
+    if gpus not in ("auto", "all", "none"):
+        raise DockerError(f"--gpus must be auto, all or none, got {gpus!r}")
+    if gpus == "none" or (gpus == "auto" and not host_has_gpu()):
+        return []
+    return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+
+
+# ---------------------------------------------------------------------------------------- what a build needs
+
+
+def source_root(context: str | Path | None = None) -> Path:
+    """The checkout holding the Dockerfile: `context`, else the one this package was installed from (editable
+    installs), else the current folder."""
+    candidates = [Path(context)] if context else [Path(__file__).resolve().parent.parent, Path.cwd()]
+    for root in candidates:
+        if (root / "Dockerfile").is_file() and (root / "pyproject.toml").is_file():
+            return root.absolute()
+    raise DockerError(
+        f"no Dockerfile in {' or '.join(map(str, candidates))}: building the image needs a source checkout of "
+        "capsbench; run from one or pass --context DIR"
+    )
+
+
+def image_requirements(root: Path, torch: str = TORCH, ort: str = ORT_GPU) -> list[str]:
+    """What the Dockerfile installs: torch, pyproject's dependencies with onnxruntime-gpu replaced by `ort`,
+    and setuptools (to build the package without build isolation). Mirrors the Dockerfile's RUN."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the installed package's metadata says the same
+        from importlib.metadata import requires
+
+        deps = [r for r in requires("capsbench") or [] if "extra ==" not in r]
+    else:
+        with open(root / "pyproject.toml", "rb") as f:
+            deps = tomllib.load(f)["project"]["dependencies"]
+    keep = [d for d in deps if not d.startswith(("onnxruntime", "torch"))]
+    return [torch, *keep, ort, "setuptools>=68"]
+
+
+def image_python(c, image: str) -> str | None:
+    """'3.11' for an image whose python3 is 3.11; None when it has none."""
+    import docker
+
+    try:
+        out = c.containers.run(
+            image,
+            ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            entrypoint=[],
+            network_mode="none",
+            remove=True,
+        )
+    except docker.errors.ImageNotFound:
+        raise ImageMissing(f"image {image} not found (pull or build it first)") from None
+    except docker.errors.DockerException:
+        return None
+    return out.decode().strip() or None
+
+
+def prepare_wheelhouse(
+    dest: Path, requirements: Sequence[str], python_version: str | None = None, log: Log = print
+) -> Path:
+    """Download wheels for `requirements` (dependencies included) into `dest` with this host's pip.
+
+    Binary wheels only, for `python_version` (the image's; default this interpreter's). On the project's
+    machines `torch==2.13.0` resolves to the CPU wheel on disk. Files already there are kept.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    version = python_version or "{}.{}".format(*sys.version_info[:2])
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest)]
+    cmd += ["--only-binary=:all:", "--python-version", version, *requirements]
+    log(f"wheelhouse: pip download for Python {version} into {dest}")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        errors = [line for line in res.stderr.splitlines() if "is ignored" not in line]
+        raise DockerError(
+            "pip download for the wheelhouse failed:\n"
+            + "\n".join(errors[-8:])
+            + "\n(PyPI must be reachable "
+            "from this host, or pass --wheelhouse DIR with the wheels already there)"
+        )
+    return dest
+
+
+def prepare_ort_headers(dest: Path, log: Log = print) -> Path:
+    """ONNX Runtime's C/C++ headers for the runner, copied (not linked) into `dest` inside the build context.
+
+    From export/cpp/provision_ort.sh (Debian trixie's libonnxruntime-dev, fetched on this host with apt-get
+    download), since no registry is reachable during an offline build.
+    """
+    from capsbench.export.cpp import provision_ort
+
+    include = provision_ort() / "include"
+    if not (include / "onnxruntime_cxx_api.h").is_file():
+        raise DockerError(f"{include} holds no onnxruntime_cxx_api.h; rerun export/cpp/provision_ort.sh")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(include, tmp, symlinks=False)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    log(f"ONNX Runtime headers: {include} -> {dest}")
+    return dest
+
+
+def image_exists(c, tag: str) -> bool:
+    import docker
+
+    try:
+        c.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def ensure_base_image(
+    c,
+    tag: str = LOCAL_BASE,
+    packages: Sequence[str] = BASE_PACKAGES,
+    *,
+    suite: str = DEBIAN_SUITE,
+    mirror: str = DEBIAN_MIRROR,
+    cache: Path = CACHE,
+    log: Log = print,
+) -> bool:
+    """Make a Debian image `tag` with debootstrap (minbase + `packages`) and `docker import`, unless `tag`
+    exists. Returns True when it was built. Needs root and debootstrap; the .debs are cached in `cache`."""
+    if image_exists(c, tag):
+        return False
+    if os.geteuid() != 0:
+        raise DockerError(f"building the base image {tag} with debootstrap needs root (or pass --base-image)")
+    if not shutil.which("debootstrap"):
+        raise DockerError("debootstrap is not installed: apt-get install debootstrap (or pass --base-image)")
+    debs = cache / "debootstrap-debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rootfs-", dir=cache) as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        cmd = ["debootstrap", "--variant=minbase", f"--cache-dir={debs}", f"--include={','.join(packages)}"]
+        log(f"base image {tag}: debootstrap {suite} with {', '.join(packages)}")
+        res = subprocess.run(
+            [*cmd, suite, str(rootfs), mirror], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        if res.returncode != 0:
+            raise DockerError(f"debootstrap {suite} failed:\n{_tail(res.stdout, 8)}")
+        repo, version = _split_tag(tag)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        try:
+            c.api.import_image(
+                src=iter(lambda: tar.stdout.read(1 << 20), b""),
+                repository=repo,
+                tag=version,
+                changes=["ENV LANG=C.UTF-8"],
+                stream_src=True,
+            )
+        finally:
+            tar.stdout.close()
+            tar.wait()
+    log(f"base image {tag}: built in {time.perf_counter() - t0:.0f} s")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def git_commit(root: Path) -> str:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return res.stdout.strip()
+
+
+def build_image(
+    *,
+    tag: str = DEFAULT_TAG,
+    base_image: str | None = None,
+    builder_image: str | None = None,
+    wheelhouse: str | Path | None = None,
+    offline: bool = False,
+    torch: str = TORCH,
+    ort: str = ORT_GPU,
+    network: str | None = None,
+    context: str | Path | None = None,
+    nocache: bool = False,
+    c=None,
+    log: Log = print,
+) -> str:
+    """Build the capsbench image; returns its id. Progress (every Dockerfile step) goes to `log`.
+
+    offline: no network during the build (network "none"): the local Debian base images unless `base_image`
+    is given, a wheelhouse (filled with pip download unless `wheelhouse` holds one) and ONNX Runtime's headers
+    are prepared on this host first. Otherwise the build uses the host's network ("host") and PyPI; the
+    headers are still taken from this host when it can provision them.
+    """
+    c = c or client()
+    root = source_root(context)
+    network = network or ("none" if offline else "host")
+    if network not in NETWORKS:
+        raise DockerError(f"network must be one of {', '.join(NETWORKS)}, got {network!r}")
+
+    if offline and base_image is None:
+        ensure_base_image(c, LOCAL_BASE, BASE_PACKAGES, log=log)
+        ensure_base_image(c, LOCAL_BUILDER, BUILDER_PACKAGES, log=log)
+        base_image, builder_image = LOCAL_BASE, builder_image or LOCAL_BUILDER
+    if network == "none":
+        for image in filter(None, (base_image, builder_image)):
+            if not image_exists(c, image):
+                raise ImageMissing(
+                    f"image {image} not found and an offline build cannot pull it: pull or build it first, or "
+                    "leave --base-image out for the local Debian base"
+                )
+    args = {"TORCH": torch, "ORT": ort, "GIT_COMMIT": git_commit(root)}
+    if base_image:
+        args["BASE_IMAGE"] = base_image
+    if builder_image:
+        args["BUILDER_IMAGE"] = builder_image
+
+    if wheelhouse is not None or offline:
+        wheels = root / WHEELS
+        if wheelhouse is not None and Path(wheelhouse).absolute() != wheels:
+            src = Path(wheelhouse)
+            if not src.is_dir() or not any(src.glob("*.whl")):
+                raise DockerError(f"--wheelhouse {src}: no .whl files there")
+            shutil.rmtree(wheels, ignore_errors=True)
+            shutil.copytree(src, wheels)
+            log(f"wheelhouse: {src} -> {wheels}")
+        else:
+            python = image_python(c, builder_image or base_image) if (builder_image or base_image) else None
+            prepare_wheelhouse(wheels, image_requirements(root, torch, ort), python, log=log)
+        args["WHEELHOUSE"] = WHEELS.as_posix()
+    try:
+        prepare_ort_headers(root / ORT_HEADERS, log=log)
+        args["ORT_HEADERS"] = ORT_HEADERS.as_posix()
+    except CapsbenchError as e:
+        if network == "none":
+            raise DockerError(f"an offline build needs ONNX Runtime's headers on this host: {e}") from None
+        log(
+            f"ONNX Runtime headers not provisioned here ({e}); the build fetches them from the release archive"
+        )
+
+    log(
+        f"building {tag} from {root} (network {network}; "
+        + ", ".join(f"{k}={v}" for k, v in args.items())
+        + ")"
+    )
+    # The builder stage is tagged too (<name>-builder), so its layers (the installed dependencies above all)
+    # stay as cache; the images this build replaces are removed, so rebuilds do not pile up gigabytes.
+    builder_tag = _builder_tag(tag)
+    before = {t: _image_id(c, t) for t in (tag, builder_tag)}
+    image_id, stages = _stream_build(c, root, tag, args, network, nocache, log)
+    if stages:
+        repo, version = _split_tag(builder_tag)
+        c.api.tag(stages[0], repo, version)
+    for t, old in before.items():
+        if old and old != _image_id(c, t):
+            with contextlib.suppress(docker_errors().APIError):  # still used by a container: keep it
+                c.images.remove(old)
+    return image_id
+
+
+def docker_errors():
+    import docker.errors
+
+    return docker.errors
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    return tuple(tag.rsplit(":", 1)) if ":" in tag.split("/")[-1] else (tag, "latest")
+
+
+def _builder_tag(tag: str) -> str:
+    repo, version = _split_tag(tag)
+    return f"{repo}-builder:{version}"
+
+
+def _image_id(c, tag: str) -> str | None:
+    try:
+        return c.images.get(tag).id
+    except docker_errors().ImageNotFound:
+        return None
+
+
+_STEP = re.compile(r"^Step \d+/\d+ : FROM ")
+_LAYER = re.compile(r"^ ---> ([0-9a-f]{12})$")
+
+
+def _stream_build(
+    c, root: Path, tag: str, args: dict, network: str, nocache: bool, log: Log
+) -> tuple[str, list[str]]:
+    """Run the build, logging its output; returns the image id and the ids of the stages before the last."""
+    t0 = time.perf_counter()
+    image_id, last, layer, stages = None, [], None, []
+    try:
+        chunks = c.api.build(
+            path=str(root),
+            tag=tag,
+            buildargs=args,
+            network_mode=network,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            nocache=nocache,
+            decode=True,
+        )
+        for chunk in chunks:
+            if "error" in chunk:
+                detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
+                raise BuildFailed(
+                    f"docker build of {tag} failed: {detail.strip()}\n{_tail(''.join(last), 15)}"
+                )
+            if "stream" in chunk:
+                text = chunk["stream"]
+                last = (last + [text])[-40:]
+                for line in text.splitlines():
+                    if _STEP.match(line) and layer:
+                        stages.append(layer)  # the previous stage ended with this image
+                    if m := _LAYER.match(line):
+                        layer = m.group(1)
+                    if line.strip() and not line.startswith(
+                        ("Removing intermediate container", " ---> Running in")
+                    ):
+                        log(line.rstrip())
+            if "aux" in chunk and "ID" in chunk["aux"]:
+                image_id = chunk["aux"]["ID"]
+    except docker_errors().APIError as e:
+        raise BuildFailed(f"docker build of {tag} failed: {_one_line(e)}") from None
+    if image_id is None:
+        image_id = c.images.get(tag).id
+    log(f"built {tag} ({image_id[:19]}) in {time.perf_counter() - t0:.0f} s")
+    return image_id, stages
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def run_container(
+    args: Sequence[str],
+    *,
+    image: str = DEFAULT_TAG,
+    gpus: str = "auto",
+    data_dir: str | Path | None = None,
+    runs_dir: str | Path = "runs",
+    network: str = "none",
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+    c=None,
+    out=None,
+    log: Log = print,
+) -> int:
+    """Run `capsbench ARGS` in the image; its output is streamed to `out` (default stdout). Returns the exit code.
+
+    Datasets: `data_dir` (default: the host's data folder) at /data; results: `runs_dir` at /runs, which is the
+    container's `runs/`, so `runs/<run-id>/...` lands in the same place as on the host. The container runs as
+    `user` (default: the calling user's uid:gid), so the files it writes belong to that user; network "none"
+    unless "host" is asked for, never the default bridge.
+    """
+    import docker
+
+    from capsbench.suite.data import resolve_data_dir
+
+    if network not in NETWORKS:
+        raise DockerError(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    c = c or client()
+    if not image_exists(c, image):
+        raise ImageMissing(f"image {image!r} not found: run `capsbench docker build` (or --tag it) first")
+    data = Path(data_dir) if data_dir is not None else resolve_data_dir(None)
+    runs = Path(runs_dir)
+    for d in (data, runs):
+        d.mkdir(parents=True, exist_ok=True)  # by this user: docker would make them root's
+    devices = gpu_requests(gpus)
+    user = user or f"{os.getuid()}:{os.getgid()}"
+    log(
+        f"docker run {image} capsbench {' '.join(args)}  (gpus: {'all' if devices else 'none'}, network {network}, "
+        f"user {user}, data {data.absolute()} -> /data, runs {runs.absolute()} -> /runs)"
+    )
+    container = None
+    try:
+        container = c.containers.create(
+            image,
+            list(args),
+            network_mode=network,
+            user=user,
+            device_requests=devices or None,
+            volumes={
+                str(data.absolute()): {"bind": "/data", "mode": "rw"},
+                str(runs.absolute()): {"bind": "/runs", "mode": "rw"},
+            },
+            environment=env or {},
+            shm_size="1g",  # torch's shared-memory tensors; docker's default is 64 MB
+            init=True,  # signals reach capsbench, zombies are reaped
+        )
+        container.start()
+    except docker.errors.APIError as e:
+        if container is not None:
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True, v=True)
+        msg = _one_line(e)
+        if devices and ("device driver" in msg or "nvidia" in msg.lower()):
+            raise DockerError(
+                f"the GPU request failed ({msg}): install the NVIDIA Container Toolkit and restart dockerd, "
+                "or run with --gpus none"
+            ) from None
+        raise DockerError(f"docker run failed: {msg}") from None
+    stream = out or sys.stdout.buffer
+    try:
+        for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
+            stream.write(chunk)
+            stream.flush()
+        return int(container.wait().get("StatusCode", 1))
+    except KeyboardInterrupt:
+        container.stop(timeout=10)
+        raise
+    finally:
+        with contextlib.suppress(docker.errors.DockerException):
+            container.remove(force=True, v=True)
