@@ -160,9 +160,9 @@ def _train_cmd(runs: Path, data_dir: Path, epochs: int) -> list[str]:
         "--epochs",
         str(epochs),
         "--train-subset",
-        "3000",
+        "2000",
         "--eval-subset",
-        "500",
+        "300",
         "--no-progress",
     ]
 
