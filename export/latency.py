@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,8 @@ def gemm_gflops(n: int = 2048, iters: int = 5, device: str | torch.device = "cpu
     }
 
 
-def _cpu_model() -> str:
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -292,7 +294,7 @@ def runtime_environment() -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores": default_threads(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

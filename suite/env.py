@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from capsbench.export.latency import cpu_model
+
 
 def pick_device(requested: str | None = None) -> torch.device:
     """'cuda' when present (or asked for), else 'cpu'; a clear error when CUDA is asked for and missing."""
@@ -24,17 +26,6 @@ def pick_device(requested: str | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return dev
-
-
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=1)
