@@ -17,7 +17,7 @@ from capsbench.suite import cpp_stage, export_stage
 from capsbench.suite import prune as pruning
 from capsbench.suite import train as training
 from capsbench.suite.env import environment, pick_device
-from capsbench.suite.errors import CapsbenchError, DatasetError, DivergenceError
+from capsbench.suite.errors import CapsbenchError, DatasetError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.results import read_result, write_json
 from capsbench.suite.runner import RUN_FILE, config_dir
@@ -73,15 +73,9 @@ def run_config(
     device = pick_device(s.device)
 
     def train() -> dict:
-        try:
-            metrics = training.train(cfg, out, splits_fn(), device=device, force=s.force, progress=s.progress)
-        except DivergenceError as e:
-            training.write_failure(out, cfg, "diverged", str(e))  # the report shows why this config stopped
-            raise
-        health_path = out / training.HEALTH_FILE
-        if s.force or not health_path.exists() or metrics.get("resumed_from_epoch"):
-            training.measure_health(cfg, out, splits_fn(), device=device)
-        return metrics
+        return training.train_and_measure(
+            cfg, out, splits_fn(), device=device, force=s.force, progress=s.progress
+        )
 
     if "train" in s.stages:
         _stage(record, "train", train, log)

@@ -12,7 +12,7 @@ from capsbench.suite import train as training
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import DatasetError, DivergenceError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import write_json
+from capsbench.suite.results import read_result, write_json
 
 RUN_FILE = "run.json"
 DEFAULT_RUNS_DIR = Path("runs")
@@ -56,18 +56,13 @@ def train_grid(
                 cache.clear()  # keep one dataset in memory at a time
                 cache[key] = training.load_splits(cfg, data_dir)
             splits = cache[key]
-            metrics = training.train(cfg, out, splits, device=dev, force=force, progress=progress)
-            health_path = out / training.HEALTH_FILE
-            if force or not health_path.exists() or metrics.get("resumed_from_epoch"):
-                health = training.measure_health(cfg, out, splits, device=dev)
-            else:
-                from capsbench.suite.results import read_result
-
-                health = read_result(health_path, "health")
+            metrics, health = training.train_and_measure(
+                cfg, out, splits, device=dev, force=force, progress=progress
+            )
         except DatasetError:
             raise  # every config needs the data: stop with the dataset's own message
         except DivergenceError as e:
-            rows.append({**training.write_failure(out, cfg, "diverged", str(e)), "out_dir": str(out)})
+            rows.append({**read_result(out / training.METRICS_FILE, "metrics"), "out_dir": str(out)})
             print(f"  diverged: {e}", flush=True)
             continue
         rows.append(summary_row(cfg, metrics, health, out))

@@ -312,3 +312,28 @@ def measure_health(
     health = {"config_id": cfg.id, "label": cfg.label, "eval_images": len(splits.test_x), **health}
     write_json(Path(out_dir) / output, "health", health)
     return health
+
+
+def train_and_measure(
+    cfg: RunConfig,
+    out_dir: Path,
+    splits: Splits,
+    *,
+    device: torch.device,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """The train stage: train (or resume, or skip) and keep health.json in step with the final weights.
+
+    A divergence is recorded in metrics.json (status 'diverged') before it propagates, so reports say why.
+    """
+    out_dir = Path(out_dir)
+    try:
+        metrics = train(cfg, out_dir, splits, device=device, force=force, progress=progress)
+    except DivergenceError as e:
+        write_failure(out_dir, cfg, "diverged", str(e))
+        raise
+    health_path, ckpt = out_dir / HEALTH_FILE, out_dir / CHECKPOINT_FILE
+    if force or not health_path.exists() or health_path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns:
+        return metrics, measure_health(cfg, out_dir, splits, device=device)
+    return metrics, read_result(health_path, "health")

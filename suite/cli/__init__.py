@@ -13,7 +13,19 @@ from capsbench import __version__
 from capsbench.suite.errors import CapsbenchError
 
 # Subcommand modules under capsbench.suite.cli, in the order `--help` lists them.
-COMMANDS = ("all", "presets", "data", "train", "health", "prune", "export", "time", "report", "check", "docker")
+COMMANDS = (
+    "all",
+    "presets",
+    "data",
+    "train",
+    "health",
+    "prune",
+    "export",
+    "time",
+    "report",
+    "check",
+    "docker",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
