@@ -95,12 +95,7 @@ def run(args) -> int:
         prune_pairs=tuple(args.prune or preset.prune_pairs),
         criterion=args.criterion,
         finetune_epochs=preset.finetune_epochs if args.finetune_epochs is None else args.finetune_epochs,
-        time=TimeSettings(
-            batch_sizes=tuple(args.batch_sizes),
-            iters=args.iters,
-            threads=args.threads,
-            provider=args.provider,
-        ),
+        time=options.time_settings(args),
         device=args.device,
         force=args.force,
         progress=not args.no_progress,

@@ -82,3 +82,14 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def run_dir(args: argparse.Namespace) -> Path:
     return args.runs_dir / (args.run_id or args.preset)
+
+
+def time_settings(args: argparse.Namespace):
+    """The timing settings of `time` and `all` from their options; an option a command lacks keeps the default."""
+    import dataclasses
+
+    from capsbench.suite.export_stage import TimeSettings
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TimeSettings) if hasattr(args, f.name)}
+    given["batch_sizes"] = tuple(given["batch_sizes"])
+    return TimeSettings(**given)

@@ -67,15 +67,7 @@ def register(sub) -> None:
 def run(args) -> int:
     configs = options.select_configs(args)
     out = options.run_dir(args)
-    settings = TimeSettings(
-        batch_sizes=tuple(args.batch_sizes),
-        iters=args.iters,
-        warmup=args.warmup,
-        threads=args.threads,
-        provider=args.provider,
-        compile=args.compile,
-        max_seconds=args.max_seconds,
-    )
+    settings = options.time_settings(args)
     cache, gemm_cache = {}, {}
     for i, cfg in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}", flush=True)
