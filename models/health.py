@@ -12,32 +12,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from capsbench.models.hooks import ForwardHooks
+
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 HIST_BINS = 50  # capsule lengths lie in [0, 1): 50 equal bins of width 0.02
 
 
-class CapsuleProbe:
+class CapsuleProbe(ForwardHooks):
     """Context manager: records the capsule lengths (batch, caps) that each named capsule module outputs."""
 
     def __init__(self, modules: list[tuple[str, nn.Module]]):
-        self.modules = modules
+        super().__init__(modules)
         self.lengths: dict[str, list[torch.Tensor]] = {name: [] for name, _ in modules}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _hook(self, name: str):
-        def record(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            self.lengths[name].append(output.detach().norm(dim=-1).float().cpu())  # (batch, caps)
-
-        return record
-
-    def __enter__(self) -> CapsuleProbe:
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def record(self, name: str, output: torch.Tensor) -> None:
+        self.lengths[name].append(output.detach().norm(dim=-1).float().cpu())  # (batch, caps)
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Lengths per layer over everything seen: (samples, caps)."""

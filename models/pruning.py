@@ -14,6 +14,7 @@ from torch import nn
 
 from capsbench.models.capsnet import CapsNet, build_capsnet
 from capsbench.models.config import CapsNetConfig
+from capsbench.models.hooks import ForwardHooks
 
 # "chip": per-image CHIP on post-ReLU maps, averaged (Sui et al. 2021); "chip-mean": CHIP of the
 # batch-averaged map (the paper's code); "l1": L1 norm of each filter (a data-free baseline).
@@ -100,32 +101,22 @@ def l1_scores(conv_weight: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- feature maps
 
 
-class FeatureMaps:
+class FeatureMaps(ForwardHooks):
     """Context manager: forward hooks keeping the latest output of each named module in `maps`.
 
     With detach=False the maps stay in the autograd graph (for a loss on them, e.g. CCM).
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]], detach: bool = True):
-        self.modules = list(modules)
+        super().__init__(modules)
         self.detach = detach
         self.maps: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _hook(self, name: str):
-        def record(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            self.maps[name] = output.detach() if self.detach else output
-
-        return record
-
-    def __enter__(self) -> FeatureMaps:
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
-        return self
+    def record(self, name: str, output: torch.Tensor) -> None:
+        self.maps[name] = output.detach() if self.detach else output
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().__exit__(*exc)
         self.maps = {}
 
 
