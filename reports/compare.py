@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from capsbench.reports.load import load_run
+from capsbench.reports.load import eager_p50, load_run
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,7 @@ def _speedups(c: dict) -> dict[tuple, float]:
     lat = c.get("latency")
     if not lat:
         return {}
-    eager = {
-        (r.get("variant"), r["batch"]): r["p50_ms"]
-        for r in lat["rows"]
-        if r.get("backend") == "torch_eager" and r.get("p50_ms")
-    }
+    eager = eager_p50(lat)
     return {
         (r.get("variant"), r["backend"], r["batch"]): eager[(r.get("variant"), r["batch"])] / r["p50_ms"]
         for r in lat["rows"]

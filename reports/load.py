@@ -75,3 +75,12 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             f"{run_dir}: no config results here; run 'capsbench all' (or 'capsbench train') first"
         )
     return {"dir": str(run_dir), "run": read_json(run_dir / "run.json", "run") or {}, "configs": configs}
+
+
+def eager_p50(latency: dict | None) -> dict[tuple, float]:
+    """torch eager's p50 (ms) by (variant, batch) from a latency.json: the same-run base of every speedup."""
+    return {
+        (r.get("variant"), r["batch"]): r["p50_ms"]
+        for r in (latency or {}).get("rows", [])
+        if r.get("backend") == "torch_eager" and r.get("p50_ms")
+    }

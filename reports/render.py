@@ -16,7 +16,7 @@ import jinja2
 
 from capsbench.reports import svg
 from capsbench.reports.compare import compare_runs
-from capsbench.reports.load import load_run
+from capsbench.reports.load import eager_p50, load_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -224,20 +224,10 @@ def sweep_chart(configs: list[dict]) -> str | None:
 def latency_rows(configs: list[dict]) -> list[dict]:
     rows = []
     for c in configs:
+        eager = eager_p50(c["latency"])  # the C++ runner's rows are compared with the same torch timings
         for source in (c["latency"], c["latency_cpp"]):
             if not source:
                 continue
-            eager = {
-                (r.get("variant"), r["batch"]): r["p50_ms"]
-                for r in source["rows"]
-                if r.get("backend") == "torch_eager" and r.get("p50_ms")
-            }
-            if c["latency"] and source is c["latency_cpp"]:
-                eager = {
-                    (r.get("variant"), r["batch"]): r["p50_ms"]
-                    for r in c["latency"]["rows"]
-                    if r.get("backend") == "torch_eager" and r.get("p50_ms")
-                }
             for r in source["rows"]:
                 base = eager.get((r.get("variant"), r.get("batch")))
                 rows.append(
