@@ -238,7 +238,7 @@ def prepare_ort_headers(dest: Path, log: Log = print) -> Path:
     From export/cpp/provision_ort.sh (Debian trixie's libonnxruntime-dev, fetched on this host with apt-get
     download), since no registry is reachable during an offline build.
     """
-    from capsbench.export.cpp import provision_ort
+    from capsbench.export.cpp_runner import provision_ort
 
     include = provision_ort() / "include"
     if not (include / "onnxruntime_cxx_api.h").is_file():

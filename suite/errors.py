@@ -29,4 +29,8 @@ class CheckpointError(CapsbenchError):
 class DivergenceError(CapsbenchError):
     """Training produced a non-finite loss or collapsed; that config is stopped."""
 
-    exit_code = 3
+    exit_code = 1  # a recorded outcome of that config, like any failed stage
+
+
+class StageError(CapsbenchError):
+    """A stage's measurement failed (e.g. the C++ runner's outputs differ from Python ORT's)."""

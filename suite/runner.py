@@ -1,93 +1,165 @@
-"""The task runner: one config after another into runs/<run-id>/<config-id>/, resuming finished stages.
+"""The one runner: the selected stages for every config into runs/<run-id>/<config-id>/, then the run-level
+stages (the report). Every `capsbench` command that works on a preset is a selection of stages of this runner.
 
-A config that diverges or fails is recorded with its error and the run goes on; the summary says which failed.
+It is also the one error boundary: any exception of a stage is recorded for that config (its message in
+pipeline.json, its traceback in error.txt beside it) and the run goes on with the next config. Finished work is
+skipped by the stages themselves, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from capsbench.suite import train as training
+from capsbench.suite import rundir, stages
 from capsbench.suite.env import environment, pick_device
-from capsbench.suite.errors import DatasetError, DivergenceError
+from capsbench.suite.errors import CapsbenchError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import read_result, write_json
-
-RUN_FILE = "run.json"
-DEFAULT_RUNS_DIR = Path("runs")
+from capsbench.suite.rundir import ERROR_FILE, PIPELINE_FILE, RUN_FILE, config_dir, read_if_valid, write_json
+from capsbench.suite.stages import Context, Settings, Stage
 
 
-def config_dir(run_dir: Path, cfg: RunConfig) -> Path:
-    return Path(run_dir) / cfg.id
+@dataclass(frozen=True)
+class Failure:
+    config_id: str | None  # None: a run-level stage
+    stage: str
+    error: BaseException
+
+    @property
+    def message(self) -> str:
+        return f"{self.config_id + ' ' if self.config_id else ''}{self.stage}: {message_of(self.error)}"
+
+    @property
+    def exit_code(self) -> int:
+        """2 when the user must fix something (a missing or corrupt file, a bad option, an unavailable
+        provider), 1 when the config itself failed (diverged, a runtime error): see suite/errors.py."""
+        from capsbench.export import ExportError
+        from capsbench.reports.load import ReportError
+
+        if isinstance(self.error, CapsbenchError):
+            return self.error.exit_code
+        return 2 if isinstance(self.error, (ExportError, ReportError)) else 1
 
 
-def train_grid(
-    configs: list[RunConfig],
-    run_dir: Path,
-    *,
-    preset: str | None = None,
-    data_dir: str | Path | None = None,
-    device: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> list[dict]:
-    """Train and measure health for every config; returns one summary row per config."""
-    run_dir = Path(run_dir)
-    dev = pick_device(device)
+@dataclass
+class RunResult:
+    run_dir: Path
+    records: list[dict] = field(default_factory=list)  # one pipeline record per config
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # config id -> stage -> what it returned
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return max((f.exit_code for f in self.failures), default=0)
+
+
+def message_of(e: BaseException) -> str:
+    """The one line a user sees: the project's errors speak for themselves, others say their type."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, CapsbenchError) else f"{type(e).__name__}: {text}"
+
+
+def _update_run_file(run_dir: Path, configs: list[RunConfig], names: list[str], info: dict, device) -> None:
+    """run.json: what was asked for, merged with what earlier commands on this run folder recorded."""
+    old = read_if_valid(run_dir / RUN_FILE, "run") or {}
+    old.pop("schema_version", None), old.pop("kind", None)
+    known = {c["config_id"]: c for c in old.get("configs", [])}
+    known.update({c.id: {"config_id": c.id, "label": c.label} for c in configs})
     write_json(
         run_dir / RUN_FILE,
         "run",
         {
-            "preset": preset,
-            "configs": [{"config_id": c.id, "label": c.label} for c in configs],
+            **old,
+            **info,
+            "configs": list(known.values()),
+            "stages": [n for n in stages.MODULES if n in names or n in old.get("stages", [])],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": environment(dev),
+            "environment": environment(device),
         },
     )
-    rows, cache = [], {}
+
+
+def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) -> tuple[bool, Any]:
+    t0 = time.perf_counter()
+    try:
+        result = stage.run(ctx)
+    except Exception as e:  # the error boundary: any failure of a stage is this config's, not the run's
+        record[stage.name] = {
+            "status": "failed",
+            "error": message_of(e),
+            "error_type": type(e).__name__,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        tracebacks.append(f"stage {stage.name}:\n{traceback.format_exc()}")
+        ctx.log(f"    {stage.name}: FAILED: {message_of(e)}")
+        return False, e
+    record[stage.name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 2)}
+    ctx.log(f"    {stage.name}: ok ({record[stage.name]['seconds']:.1f} s)")
+    return True, result
+
+
+def run(
+    configs: list[RunConfig],
+    run_dir: Path,
+    names: list[str] | tuple[str, ...],
+    settings: Settings | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    run_info: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """The stages `names` for every config, then the run-level ones; returns records, results and failures."""
+    from capsbench.suite import train as training
+
+    run_dir, settings = Path(run_dir), settings or Settings()
+    selected = stages.select(names)
+    device = pick_device(settings.device)
+    _update_run_file(run_dir, configs, list(names), run_info or {}, device)
+    result, cache, shared = RunResult(run_dir), {}, {}
     for i, cfg in enumerate(configs, 1):
-        out = config_dir(run_dir, cfg)
-        if progress:
-            print(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}", flush=True)
         key = (cfg.dataset, cfg.train_subset, cfg.eval_subset, cfg.seed)
-        try:
+
+        def splits(cfg: RunConfig = cfg, key: tuple = key) -> training.Splits:
             if key not in cache:
-                cache.clear()  # keep one dataset in memory at a time
+                cache.clear()  # one dataset in memory at a time
                 cache[key] = training.load_splits(cfg, data_dir)
-            splits = cache[key]
-            metrics, health = training.train_and_measure(
-                cfg, out, splits, device=dev, force=force, progress=progress
-            )
-        except DatasetError:
-            raise  # every config needs the data: stop with the dataset's own message
-        except DivergenceError as e:
-            rows.append({**read_result(out / training.METRICS_FILE, "metrics"), "out_dir": str(out)})
-            print(f"  diverged: {e}", flush=True)
-            continue
-        rows.append(summary_row(cfg, metrics, health, out))
-    return rows
+            return cache[key]
 
-
-def summary_row(cfg: RunConfig, metrics: dict, health: dict, out: Path) -> dict:
-    return {
-        "config_id": cfg.id,
-        "label": cfg.label,
-        "status": metrics["status"],
-        "test_accuracy": metrics.get("test_accuracy"),
-        "epochs": metrics.get("epochs"),
-        "train_seconds": metrics.get("train_seconds_total"),
-        "inactive": [f"{layer['inactive']}/{layer['num_capsules']}" for layer in health["layers"]],
-        "out_dir": str(out),
-    }
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"{'config':<11}{'status':<10}{'acc':>7}{'train s':>9}  inactive per layer (primary..class)  label"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        acc = f"{r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else "-"
-        secs = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-"
-        inactive = " ".join(r.get("inactive", [])) or r.get("error", "")[:40]
-        lines.append(f"{r['config_id']:<11}{r['status']:<10}{acc:>7}{secs:>9}  {inactive:<36} {r['label']}")
-    return "\n".join(lines)
+        log(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}")
+        out = config_dir(run_dir, cfg)
+        ctx = Context(cfg, out, run_dir, settings, splits, device, log, shared)
+        old = read_if_valid(out / PIPELINE_FILE, "pipeline") or {}
+        record = {k: v for k, v in old.items() if isinstance(v, dict)}
+        record = {"config_id": cfg.id, "label": cfg.label, **record}
+        tracebacks: list[str] = []
+        outputs = result.results.setdefault(cfg.id, {})
+        for stage in (s for s in selected if not s.per_run):
+            ok, value = _run_stage(stage, ctx, record, tracebacks)
+            if ok:
+                outputs[stage.name] = value
+                continue
+            result.failures.append(Failure(cfg.id, stage.name, value))
+            if stage.gate:
+                break  # every later stage reads what this one writes
+        failed = [k for k, v in record.items() if isinstance(v, dict) and v.get("status") == "failed"]
+        record["status"] = "failed" if failed else "complete"
+        result.records.append(record)
+        if out.is_dir() or any(s.gate for s in selected):
+            write_json(out / PIPELINE_FILE, "pipeline", record)
+        if tracebacks:
+            rundir.atomic_write(out / ERROR_FILE, lambda f, t=tracebacks: f.write("\n".join(t)))
+        elif not failed:
+            (out / ERROR_FILE).unlink(missing_ok=True)
+    for stage in (s for s in selected if s.per_run):
+        ctx = Context(None, run_dir, run_dir, settings, lambda: None, device, log, shared)  # type: ignore[arg-type]
+        ok, value = _run_stage(stage, ctx, {}, tb := [])
+        if ok:
+            result.results.setdefault("", {})[stage.name] = value
+        else:
+            result.failures.append(Failure(None, stage.name, value))
+            rundir.atomic_write(run_dir / ERROR_FILE, lambda f, t=tb: f.write("\n".join(t)))
+    return result

@@ -14,22 +14,26 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from capsbench.models import CapsNet, CapsNetConfig, build_capsnet, margin_loss, reconstruction_loss
+from capsbench.models import CapsNet, build_capsnet, margin_loss, reconstruction_loss
 from capsbench.models.health import capsule_health
 from capsbench.models.losses import ccm_loss
 from capsbench.models.pruning import FeatureMaps, backbone_blocks
 from capsbench.suite import data as datasets
+from capsbench.suite.checkpoints import load_model, model_from_state, read_checkpoint, save_torch
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CheckpointError, DivergenceError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import load_torch, read_result, save_torch, write_json
-
-CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, HEALTH_FILE = (
-    "config.json",
-    "checkpoint.pt",
-    "metrics.json",
-    "health.json",
+from capsbench.suite.rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HEALTH_FILE,
+    METRICS_FILE,
+    is_trained,
+    read_result,
+    write_json,
 )
+
+__all__ = ["CheckpointError", "load_model", "model_from_state", "read_checkpoint", "is_trained"]
 EVAL_BATCH = 500
 
 
@@ -74,6 +78,11 @@ def load_splits(cfg: RunConfig, data_dir: str | Path | None = None) -> Splits:
     return Splits(train_x, train_y, test_x, test_y)
 
 
+def test_images(splits: Splits, count: int) -> torch.Tensor:
+    """The first `count` test images as float32 in [0, 1] (parity checks and timing inputs)."""
+    return splits.test_x[:count].float().div_(255.0)
+
+
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] on the device."""
     return x.to(device, non_blocking=True).float().div_(255.0)
@@ -93,44 +102,6 @@ def evaluate(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, device:
         pred = CapsNet.lengths(model(x)).argmax(dim=1).cpu()
         correct += int((pred == labels[i : i + EVAL_BATCH]).sum())
     return correct / max(len(images), 1)
-
-
-def model_from_state(state: dict, fallback: CapsNetConfig) -> CapsNet:
-    """Rebuild the network a checkpoint holds: its own architecture (a pruned net is smaller than its config's)."""
-    arch = state.get("model_config")
-    model = build_capsnet(CapsNetConfig.from_dict(arch) if arch else fallback)
-    model.load_state_dict(state["model"])
-    return model
-
-
-def read_checkpoint(cfg: RunConfig, checkpoint: Path) -> dict:
-    """A checkpoint's contents, refusing a foreign file or one written for another config."""
-    state = load_torch(checkpoint)
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(
-            f"{checkpoint}: not a capsbench checkpoint (no model state); rerun with --force"
-        )
-    if state.get("config_id") != cfg.id:
-        raise CheckpointError(
-            f"{checkpoint}: written for config {state.get('config_id')}, not {cfg.id}; "
-            "delete the folder or rerun with --force"
-        )
-    return state
-
-
-def load_model(cfg: RunConfig, checkpoint: Path) -> CapsNet:
-    """A trained (or pruned) model from a checkpoint of this config."""
-    return model_from_state(read_checkpoint(cfg, Path(checkpoint)), cfg.model)
-
-
-def is_trained(out_dir: Path, files: StageFiles = TRAIN_FILES) -> bool:
-    path = Path(out_dir) / files.metrics
-    if not path.is_file():
-        return False
-    try:
-        return read_result(path, "metrics").get("status") == "complete"
-    except CheckpointError:
-        return False
 
 
 def train(
@@ -157,7 +128,7 @@ def train(
     if force:
         for name in (files.checkpoint, files.metrics):
             (out_dir / name).unlink(missing_ok=True)
-    elif is_trained(out_dir, files):
+    elif is_trained(out_dir, files.metrics):
         return read_result(out_dir / files.metrics, "metrics")
     write_json(
         out_dir / CONFIG_FILE, "config", {"config_id": cfg.id, "label": cfg.label, "config": cfg.to_dict()}
@@ -312,28 +283,3 @@ def measure_health(
     health = {"config_id": cfg.id, "label": cfg.label, "eval_images": len(splits.test_x), **health}
     write_json(Path(out_dir) / output, "health", health)
     return health
-
-
-def train_and_measure(
-    cfg: RunConfig,
-    out_dir: Path,
-    splits: Splits,
-    *,
-    device: torch.device,
-    force: bool = False,
-    progress: bool = True,
-) -> tuple[dict, dict]:
-    """The train stage: train (or resume, or skip) and keep health.json in step with the final weights.
-
-    A divergence is recorded in metrics.json (status 'diverged') before it propagates, so reports say why.
-    """
-    out_dir = Path(out_dir)
-    try:
-        metrics = train(cfg, out_dir, splits, device=device, force=force, progress=progress)
-    except DivergenceError as e:
-        write_failure(out_dir, cfg, "diverged", str(e))
-        raise
-    health_path, ckpt = out_dir / HEALTH_FILE, out_dir / CHECKPOINT_FILE
-    if force or not health_path.exists() or health_path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns:
-        return metrics, measure_health(cfg, out_dir, splits, device=device)
-    return metrics, read_result(health_path, "health")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from capsbench.export import export_onnx, make_session
-from capsbench.export.cpp import build_runner, run_runner, write_tensor
+from capsbench.export.cpp_runner import build_runner, run_runner, write_tensor
 from capsbench.export.latency import take_batch, time_backend
 from capsbench.models import CapsNetConfig, build_capsnet
 from capsbench.suite import data

@@ -23,7 +23,7 @@ from capsbench.models import CapsNet, build_capsnet
 from capsbench.suite import data
 from capsbench.suite import train as training
 from capsbench.suite.presets import RunConfig, get_preset
-from capsbench.suite.results import read_result
+from capsbench.suite.rundir import read_result
 
 MODELS = {
     "smoke": lambda: get_preset("smoke").configs()[0],

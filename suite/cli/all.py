@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from capsbench.export.latency import DEFAULT_BATCH_SIZES
-from capsbench.reports.load import ReportError
-from capsbench.reports.render import render_report
-from capsbench.suite import pipeline
+from capsbench.export.sessions import PROVIDERS
+from capsbench.models.pruning import CRITERIA
+from capsbench.suite import rundir, stages
 from capsbench.suite.cli import options
-from capsbench.suite.errors import CapsbenchError, ConfigError
-from capsbench.suite.export_stage import TimeSettings
+from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import get_preset
+from capsbench.suite.stages import PruneSettings
+from capsbench.suite.stages.time import TimeSettings
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -33,13 +35,15 @@ def register(sub) -> None:
         description="For every config of a preset: train -> health -> prune + fine-tune -> health -> export to "
         "ONNX -> parity -> time (ONNX Runtime from Python and from the C++ runner, torch eager), then write "
         "report.html. Every stage caches its results, so rerunning resumes a killed run; a config that fails "
-        "a stage is recorded (pipeline.json) and the run goes on. Exit code 1 when any config failed.",
+        "a stage is recorded (its message in pipeline.json, its traceback in error.txt) and the run goes on. Exit code "
+        "1 when a config failed, 2 when one needs a fix from you (a missing or corrupt file, an unavailable "
+        "provider).",
     )
     options.add_grid(p)
     options.add_data_dir(p)
     options.add_device(p)
-    p.add_argument("--only", nargs="+", choices=pipeline.STAGES, default=None, help="run only these stages")
-    p.add_argument("--skip", nargs="+", choices=pipeline.STAGES, default=[], help="skip these stages")
+    p.add_argument("--only", nargs="+", choices=stages.NAMES, default=None, help="run only these stages")
+    p.add_argument("--skip", nargs="+", choices=stages.NAMES, default=[], help="skip these stages")
     p.add_argument("--seeds", type=int, default=1, help="train every config with N seeds (seed, seed+1, ...)")
     p.add_argument(
         "--prune",
@@ -55,7 +59,9 @@ def register(sub) -> None:
         default=None,
         help="fine-tune epochs after pruning (default: the preset's)",
     )
-    p.add_argument("--criterion", default="chip", help="channel score: chip, chip-mean or l1 (default: chip)")
+    p.add_argument(
+        "--criterion", choices=CRITERIA, default="chip", help="channel score (default: %(default)s)"
+    )
     p.add_argument(
         "--batch-sizes",
         type=int,
@@ -74,10 +80,13 @@ def register(sub) -> None:
         "--threads", type=int, default=None, help="CPU threads for ORT, C++ and torch (default: all cores)"
     )
     p.add_argument(
-        "--provider", default="auto", help="ONNX Runtime provider: auto, cpu or cuda (default: auto)"
+        "--provider", choices=PROVIDERS, default="auto", help="ONNX Runtime provider (default: %(default)s)"
     )
     p.add_argument(
-        "--baseline", default=None, help="a baseline run folder: the report shows regressions against it"
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a baseline run folder: the report shows regressions against it",
     )
     p.add_argument("--force", action="store_true", help="redo finished stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -89,25 +98,59 @@ def run(args) -> int:
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     configs = [c.replace(seed=c.seed + k) for c in options.select_configs(args) for k in range(args.seeds)]
-    stages = tuple(s for s in (args.only or pipeline.STAGES) if s not in args.skip)
-    settings = pipeline.PipelineSettings(
-        stages=stages,
-        prune_pairs=tuple(args.prune or preset.prune_pairs),
+    names = [s for s in (args.only or stages.NAMES) if s not in args.skip]
+    if "train" in names and "health" not in args.skip and "health" not in names:
+        names.append("health")  # health.json stays in step with the trained weights
+    prune = PruneSettings(
+        pairs=tuple(args.prune or preset.prune_pairs),
         criterion=args.criterion,
         finetune_epochs=preset.finetune_epochs if args.finetune_epochs is None else args.finetune_epochs,
-        time=options.time_settings(args),
-        device=args.device,
-        force=args.force,
-        progress=not args.no_progress,
+    )
+    settings = options.stage_settings(
+        args, prune=prune, time=options.time_settings(args), baseline=args.baseline
     )
     out = options.run_dir(args)
-    records = pipeline.run_all(configs, out, settings, preset=args.preset, data_dir=args.data_dir)
-    print(pipeline.format_summary(pipeline.summary_rows(out, records)))
-    if "report" in stages:
-        try:
-            path = render_report(out, baseline_dir=args.baseline)
-        except ReportError as e:
-            raise CapsbenchError(str(e)) from e
-        print(f"report: {path}")
+    result = options.run_stages(args, configs, names, settings)
+    print(format_summary(summary_rows(out, result.records)))
+    if (report := result.results.get("", {}).get("report")) is not None:
+        print(f"report: {report}")
     print(f"results: {out}")
-    return 0 if all(r["status"] == "complete" for r in records) else 1
+    return result.exit_code
+
+
+def summary_rows(run_dir: Path, records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        out = rundir.config_dir(run_dir, r["config_id"])
+        metrics = rundir.read_if_valid(out / rundir.METRICS_FILE, "metrics") or {}
+        prunes = sorted(out.glob(f"prune_*/{rundir.PRUNE_FILE}"))
+        pruned = (
+            rundir.read_result(prunes[-1], "prune")["summary"]["test_accuracy"]["after_finetune"]
+            if prunes
+            else None
+        )
+        rows.append(
+            {
+                "config_id": r["config_id"],
+                "status": r["status"],
+                "accuracy": metrics.get("test_accuracy"),
+                "pruned_accuracy": pruned,
+                "stages": " ".join(f"{k}:{v['status']}" for k, v in r.items() if isinstance(v, dict)),
+                "label": r["label"],
+            }
+        )
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    head = f"{'config':<11}{'status':<10}{'acc %':>7}{'pruned %':>10}  stages"
+    lines = [head, "-" * 100]
+    for r in rows:
+        lines.append(
+            f"{r['config_id']:<11}{r['status']:<10}{pct(r['accuracy']):>7}{pct(r['pruned_accuracy']):>10}"
+            f"  {r['stages']}   {r['label']}"
+        )
+    return "\n".join(lines)

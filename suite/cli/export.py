@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from capsbench.export import ExportError
-from capsbench.suite import train as training
+from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
-from capsbench.suite.export_stage import PARITY_IMAGES, StageError, export_config, format_export_table
-from capsbench.suite.runner import config_dir
+from capsbench.suite.stages.export import PARITY_IMAGES, format_export_table
 
 
 def register(sub) -> None:
@@ -18,7 +16,7 @@ def register(sub) -> None:
         "stage wrote: prune_*/pruned.pt) to ONNX with the routing iterations unrolled and a dynamic batch "
         "axis, check it with onnx.checker, and compare ONNX Runtime with PyTorch on real test images. Writes "
         "model.onnx, export.json and parity.json beside each checkpoint (a pruned net's in its prune_* folder). "
-        "Finished exports of an unchanged checkpoint are skipped unless --force. Exit code 1 when a config "
+        "Finished exports of an unchanged checkpoint are skipped unless --force. Exit code 2 when a config "
         "is not trained or fails export or parity.",
     )
     options.add_grid(p)
@@ -37,35 +35,13 @@ def register(sub) -> None:
 def run(args) -> int:
     configs = options.select_configs(args)
     out = options.run_dir(args)
-    rows, cache = [], {}
-    for i, cfg in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}", flush=True)
-
-        def splits(cfg=cfg):
-            key = (cfg.dataset, cfg.train_subset, cfg.eval_subset, cfg.seed)
-            if key not in cache:
-                cache.clear()  # one dataset in memory at a time
-                cache[key] = training.load_splits(cfg, args.data_dir)
-            return cache[key]
-
-        try:
-            rows.extend(
-                export_config(
-                    cfg,
-                    config_dir(out, cfg),
-                    splits,
-                    force=args.force,
-                    opset=args.opset,
-                    num_parity_images=args.parity_images,
-                )
-            )
-        except ExportError as e:
-            raise StageError(str(e)) from e
-    if all(r["status"] == "not trained" for r in rows):
+    if not any(rundir.is_trained(rundir.config_dir(out, c)) for c in configs):
         raise CheckpointError(
             f"{out}: none of the {len(configs)} selected configs is trained yet; "
             f"run 'capsbench train --preset {args.preset}' first"
         )
-    print(format_export_table(rows))
+    settings = options.stage_settings(args, opset=args.opset, parity_images=args.parity_images)
+    result = options.run_stages(args, configs, ["export"], settings)
+    print(format_export_table([row for c in configs for row in result.results[c.id].get("export", [])]))
     print(f"results: {out}")
-    return 0 if all(r["status"] in ("exported", "done") for r in rows) else 1
+    return result.exit_code

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capsbench.suite import train as training
+from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import read_result
 
 
 def register(sub) -> None:
@@ -22,31 +21,33 @@ def register(sub) -> None:
     p.add_argument(
         "--threshold", type=float, default=None, help="inactive threshold (default: the config's, 0.01)"
     )
-    p.add_argument("--output", default=training.HEALTH_FILE, help="file name to write in each config folder")
+    p.add_argument("--output", default=rundir.HEALTH_FILE, help="file name to write in each config folder")
     options.add_data_dir(p)
     options.add_device(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    folder = Path(args.run_dir)
     dirs = (
-        sorted(d for d in Path(args.run_dir).iterdir() if (d / training.CONFIG_FILE).is_file())
-        if Path(args.run_dir).is_dir()
-        else []
+        sorted(d for d in folder.iterdir() if (d / rundir.CONFIG_FILE).is_file()) if folder.is_dir() else []
     )
     if not dirs:
         raise CheckpointError(f"{args.run_dir}: no trained configs here; run 'capsbench train' first")
+    configs = []
     for d in dirs:
-        cfg = RunConfig.from_dict(read_result(d / training.CONFIG_FILE, "config")["config"])
-        if not training.is_trained(d):
+        cfg = RunConfig.from_dict(rundir.read_result(d / rundir.CONFIG_FILE, "config")["config"])
+        if rundir.is_trained(d):
+            configs.append(cfg)
+        else:
             print(f"{cfg.id}: not trained (or failed), skipped")
-            continue
-        splits = training.load_splits(cfg, args.data_dir)
-        health = training.measure_health(
-            cfg, d, splits, device=args.device, threshold=args.threshold, output=args.output
-        )
-        per_layer = " ".join(
-            f"{lay['name']}={lay['inactive']}/{lay['num_capsules']}" for lay in health["layers"]
-        )
-        print(f"{cfg.id}: threshold {health['threshold']}: {per_layer}")
-    return 0
+    settings = options.stage_settings(args, health_threshold=args.threshold, health_output=args.output)
+    result = options.run_stages(args, configs, ["health"], settings, folder)
+    for cfg in configs:
+        health = result.results[cfg.id].get("health")
+        if health is not None:
+            per_layer = " ".join(
+                f"{lay['name']}={lay['inactive']}/{lay['num_capsules']}" for lay in health["layers"]
+            )
+            print(f"{cfg.id}: threshold {health['threshold']}: {per_layer}")
+    return result.exit_code

@@ -88,8 +88,42 @@ def time_settings(args: argparse.Namespace):
     """The timing settings of `time` and `all` from their options; an option a command lacks keeps the default."""
     import dataclasses
 
-    from capsbench.suite.export_stage import TimeSettings
+    from capsbench.suite.stages.time import TimeSettings
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TimeSettings) if hasattr(args, f.name)}
     given["batch_sizes"] = tuple(given["batch_sizes"])
     return TimeSettings(**given)
+
+
+def stage_settings(args: argparse.Namespace, **parts):
+    """The runner's settings from the options every stage command shares, plus the command's own parts."""
+    from capsbench.suite.stages import Settings
+
+    return Settings(
+        device=getattr(args, "device", None),
+        force=getattr(args, "force", False),
+        progress=not getattr(args, "no_progress", True),
+        **parts,
+    )
+
+
+def run_stages(
+    args: argparse.Namespace, configs: list[RunConfig], names, settings, folder: Path | None = None
+):
+    """Run the stages `names` for `configs` with the one runner; every failure becomes one line on stderr."""
+    import sys
+
+    from capsbench.suite import runner
+
+    result = runner.run(
+        configs,
+        folder or run_dir(args),
+        names,
+        settings,
+        data_dir=getattr(args, "data_dir", None),
+        run_info={"preset": args.preset} if getattr(args, "preset", None) else None,
+        log=lambda line: print(line, flush=True),
+    )
+    for failure in result.failures:
+        print(f"capsbench: error: {failure.message}", file=sys.stderr)
+    return result

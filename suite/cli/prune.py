@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from capsbench.models.pruning import CRITERIA
-from capsbench.suite import prune as pruning
-from capsbench.suite import train as training
+from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError, ConfigError
-from capsbench.suite.runner import config_dir
+from capsbench.suite.stages import PruneSettings
+from capsbench.suite.stages import prune as pruning
 
 
 def _ratios(text: str) -> list[float]:
@@ -99,35 +99,31 @@ def run(args) -> int:
         pairs = [(args.backbone, args.caps)]
     configs = options.select_configs(args)
     run_dir = options.run_dir(args)
-    untrained = [c for c in configs if not (config_dir(run_dir, c) / training.METRICS_FILE).is_file()]
+    folders = {c.id: rundir.config_dir(run_dir, c) for c in configs}
+    untrained = [c for c in configs if not (folders[c.id] / rundir.METRICS_FILE).is_file()]
     if untrained:
         raise CheckpointError(
             f"{len(untrained)} of {len(configs)} configs are not trained in {run_dir} "
             f"({', '.join(c.id for c in untrained)}); run 'capsbench train --preset {args.preset}' first, with the "
             "same overrides, or pick trained ones with --configs"
         )
-    rows = []
-    for i, cfg in enumerate(configs, 1):
-        out = config_dir(run_dir, cfg)
-        if not training.is_trained(out):
-            print(f"[{i}/{len(configs)}] {cfg.id}: its training did not finish (see metrics.json), skipped")
-            continue
-        print(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}", flush=True)
-        splits = training.load_splits(cfg, args.data_dir)
-        rows += pruning.prune_sweep(
-            cfg,
-            out,
-            splits,
-            pairs,
-            args.criterion,
-            device=args.device,
-            finetune_epochs=args.finetune_epochs,
-            intermediate_ratio=args.intermediate,
-            reinit_caps_layers=args.reinit_caps,
-            score_images=args.score_images,
-            force=args.force,
-            progress=not args.no_progress,
-        )
+    trained = []
+    for cfg in configs:
+        if rundir.is_trained(folders[cfg.id]):
+            trained.append(cfg)
+        else:
+            print(f"{cfg.id}: its training did not finish (see metrics.json), skipped")
+    prune = PruneSettings(
+        pairs=tuple(pairs),
+        criterion=args.criterion,
+        finetune_epochs=args.finetune_epochs,
+        intermediate_ratio=args.intermediate,
+        reinit_caps_layers=args.reinit_caps,
+        score_images=args.score_images,
+        write_sweep=True,
+    )
+    result = options.run_stages(args, trained, ["prune"], options.stage_settings(args, prune=prune))
+    rows = [row for c in trained for row in result.results[c.id].get("prune", [])]
     print(pruning.format_sweep(rows))
     print(f"results: {run_dir}/<config>/prune_{args.criterion}_b*_c*/prune.json")
-    return 0
+    return result.exit_code

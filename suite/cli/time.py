@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from capsbench.export import ExportError
 from capsbench.export.latency import DEFAULT_BATCH_SIZES
 from capsbench.export.sessions import PROVIDERS
-from capsbench.suite import train as training
 from capsbench.suite.cli import options
-from capsbench.suite.export_stage import (
-    LATENCY_FILE,
-    StageError,
-    TimeSettings,
-    format_latency,
-    time_config,
-)
-from capsbench.suite.runner import config_dir
+from capsbench.suite.rundir import LATENCY_FILE
+from capsbench.suite.stages.time import TimeSettings, format_latency
 
 
 def register(sub) -> None:
@@ -67,32 +59,15 @@ def register(sub) -> None:
 def run(args) -> int:
     configs = options.select_configs(args)
     out = options.run_dir(args)
-    settings = options.time_settings(args)
-    cache, gemm_cache = {}, {}
-    for i, cfg in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}", flush=True)
-
-        def splits(cfg=cfg):
-            key = (cfg.dataset, cfg.train_subset, cfg.eval_subset, cfg.seed)
-            if key not in cache:
-                cache.clear()
-                cache[key] = training.load_splits(cfg, args.data_dir)
-            return cache[key]
-
-        try:
-            result = time_config(
-                cfg,
-                config_dir(out, cfg),
-                splits,
-                settings,
-                force=args.force,
-                gemm_cache=gemm_cache,
-                progress=lambda line: print(line, flush=True),
-            )
-        except ExportError as e:
-            raise StageError(str(e)) from e
-        if result.get("skipped"):
+    args.no_progress = False  # the harness's per-backend lines are the command's progress
+    settings = options.stage_settings(args, time=options.time_settings(args))
+    result = options.run_stages(args, configs, ["time"], settings)
+    for cfg in configs:
+        latency = result.results[cfg.id].get("time")
+        if latency is None:
+            continue
+        if latency.get("skipped"):
             print(f"  {LATENCY_FILE} is up to date (same settings and models); --force re-times it")
-        print(format_latency(result))
+        print(format_latency(latency))
     print(f"results: {out}")
-    return 0
+    return result.exit_code

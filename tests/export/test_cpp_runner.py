@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper
 
 from capsbench.export import export_onnx
-from capsbench.export.cpp import (
+from capsbench.export.cpp_runner import (
     BuildError,
     RunnerError,
     build_runner,

@@ -5,9 +5,10 @@ import pytest
 
 from capsbench.models import CapsNetConfig, build_capsnet
 from capsbench.suite import train as training
+from capsbench.suite.checkpoints import save_torch
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
-from capsbench.suite.results import read_result, save_torch
+from capsbench.suite.rundir import read_result
 
 CFG = next(c for c in get_preset("smoke").configs() if c.model.depth == 0)
 TINY = ["--train-subset", "64", "--eval-subset", "32", "--epochs", "1"]

@@ -23,8 +23,8 @@ from capsbench.models.pruning import (
     score_capsnet,
 )
 from capsbench.suite import data
+from capsbench.suite.checkpoints import save_torch
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import save_torch
 from capsbench.suite.train import load_model, model_from_state
 
 SMALL = CapsNetConfig(

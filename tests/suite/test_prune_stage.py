@@ -6,9 +6,14 @@ import pytest
 from capsbench.suite import train as training
 from capsbench.suite.cli import main
 from capsbench.suite.presets import RunConfig, get_preset
-from capsbench.suite.prune import HEALTH_PRUNED_FILE, PRUNE_FILE, PRUNED_FILE, prune_dir_name
-from capsbench.suite.results import read_result
-from capsbench.suite.runner import config_dir
+from capsbench.suite.rundir import (
+    HEALTH_PRUNED_FILE,
+    PRUNE_FILE,
+    PRUNED_FILE,
+    config_dir,
+    prune_dir_name,
+    read_result,
+)
 
 OVERRIDES = {"train_subset": 2000, "eval_subset": 250, "epochs": 1}
 DEEP = next(c for c in get_preset("smoke").configs() if c.model.depth >= 3).replace(**OVERRIDES)

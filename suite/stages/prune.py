@@ -14,35 +14,28 @@ import torch
 from capsbench.models import CapsNet
 from capsbench.models.health import capsule_health
 from capsbench.models.pruning import CRITERIA, count_flops, prune_capsnet, score_capsnet
+from capsbench.suite import rundir
 from capsbench.suite import train as training
+from capsbench.suite.checkpoints import load_torch, save_torch
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CheckpointError, ConfigError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import load_torch, read_result, save_torch, write_json
+from capsbench.suite.rundir import (
+    HEALTH_PRUNED_FILE,
+    PRUNE_FILE,
+    PRUNED_FILE,
+    SURGERY_FILE,
+    SWEEP_FILE,
+    prune_dir_name,
+    read_result,
+    write_json,
+)
+from capsbench.suite.stages.base import Context, Stage
 
-SURGERY_FILE = "surgery.pt"  # the net right after surgery, with the plan and the measurements so far
-FINETUNE_FILES = training.StageFiles(checkpoint="finetune.pt", metrics="finetune_metrics.json")
-PRUNED_FILE = "pruned.pt"  # the final (fine-tuned) pruned net: loads with suite.train.load_model
-PRUNE_FILE = "prune.json"
-HEALTH_PRUNED_FILE = "health_pruned.json"
-SWEEP_FILE = "prune_sweep_{criterion}.json"
+FINETUNE_FILES = training.StageFiles(checkpoint=rundir.FINETUNE_CHECKPOINT, metrics=rundir.FINETUNE_METRICS)
 DEFAULT_FINETUNE_EPOCHS = 2
 DEFAULT_SCORE_IMAGES = 640  # CHIP's 5 batches of 128
 SCORE_BATCH = 128
-
-
-def prune_dir_name(
-    criterion: str,
-    backbone_ratio: float,
-    caps_ratio: float,
-    intermediate_ratio: float = 0.0,
-    reinit_caps_layers: bool = False,
-) -> str:
-    """The sub-folder of one pruning setting, e.g. prune_chip_b0.50_c0.30: every setting of a sweep is kept."""
-    name = f"prune_{criterion}_b{backbone_ratio:.2f}_c{caps_ratio:.2f}"
-    if intermediate_ratio:
-        name += f"_i{intermediate_ratio:.2f}"
-    return name + ("_reinit" if reinit_caps_layers else "")
 
 
 def health_summary(health: dict) -> dict:
@@ -96,12 +89,12 @@ class TrainedBase:
     @property
     def model(self) -> CapsNet:
         if self._model is None:
-            if not training.is_trained(self.out_dir):
+            if not rundir.is_trained(self.out_dir):
                 raise CheckpointError(
                     f"{self.out_dir}: config {self.cfg.id} has no finished training; run 'capsbench train' "
                     "with the same preset and options first"
                 )
-            ckpt = self.out_dir / training.CHECKPOINT_FILE
+            ckpt = self.out_dir / rundir.CHECKPOINT_FILE
             self._model = training.load_model(self.cfg, ckpt).to(self.device).eval()
         return self._model
 
@@ -356,3 +349,63 @@ def format_sweep(rows: list[dict]) -> str:
             f"{' '.join(r['inactive_before'])} -> {' '.join(r['inactive_after'])}"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+
+def _settings_of(ctx: Context, b: float, c: float) -> dict:
+    p = ctx.settings.prune
+    return _settings(
+        criterion=p.criterion,
+        backbone_ratio=b,
+        caps_ratio=c,
+        intermediate_ratio=p.intermediate_ratio,
+        reinit_caps_layers=p.reinit_caps_layers,
+        finetune_epochs=p.finetune_epochs,
+        score_images=p.score_images,
+    )
+
+
+def done(ctx: Context) -> bool:
+    p = ctx.settings.prune
+    if ctx.settings.force:
+        return False
+    for b, c in p.pairs:
+        sub = ctx.out / prune_dir_name(p.criterion, b, c, p.intermediate_ratio, p.reinit_caps_layers)
+        res = rundir.read_if_valid(sub / PRUNE_FILE, "prune")
+        if res is None or res.get("settings") != _settings_of(ctx, b, c):
+            return False
+    return True
+
+
+def run(ctx: Context) -> list[dict]:
+    """Every ratio pair of the settings, scoring the trained net once."""
+    p = ctx.settings.prune
+    kw = dict(
+        finetune_epochs=p.finetune_epochs,
+        intermediate_ratio=p.intermediate_ratio,
+        reinit_caps_layers=p.reinit_caps_layers,
+        score_images=p.score_images,
+        force=ctx.settings.force,
+        progress=ctx.settings.progress,
+    )
+    if p.write_sweep:
+        return prune_sweep(
+            ctx.cfg, ctx.out, ctx.splits(), list(p.pairs), p.criterion, device=ctx.device, **kw
+        )
+    base = TrainedBase(ctx.cfg, ctx.out, ctx.splits(), ctx.device)
+    return [
+        prune_config(ctx.cfg, ctx.out, ctx.splits(), b, c, p.criterion, device=ctx.device, base=base, **kw)
+        for b, c in p.pairs
+    ]
+
+
+STAGE = Stage(
+    "prune",
+    reads=(rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
+    writes=("prune_*/" + PRUNED_FILE, "prune_*/" + PRUNE_FILE, "prune_*/" + HEALTH_PRUNED_FILE),
+    run=run,
+    done=done,
+    help="channel-prune, fine-tune and measure health again",
+)

@@ -12,23 +12,22 @@ from typing import Any
 import numpy as np
 
 from capsbench.export import ExportError, make_session
-from capsbench.export.cpp import build_runner, read_tensors, run_runner
+from capsbench.export.cpp_runner import build_runner, read_tensors, run_runner
 from capsbench.export.sessions import default_threads
-from capsbench.suite import export_stage
+from capsbench.suite import rundir
 from capsbench.suite import train as training
-from capsbench.suite.errors import CheckpointError
-from capsbench.suite.export_stage import StageError, TimeSettings
+from capsbench.suite.errors import CheckpointError, StageError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.results import read_result, write_json
+from capsbench.suite.rundir import LATENCY_CPP_FILE, exported_variants, read_if_valid, sha256, write_json
+from capsbench.suite.stages.base import Context, Stage
+from capsbench.suite.stages.time import TimeSettings
 
-LATENCY_CPP_FILE = "latency_cpp.json"
 PARITY_TOLERANCE = 1e-6  # bitwise on CPU with the same threads in practice; this bounds anything else
 
 
 def _done(out: Path, settings: TimeSettings, shas: dict[str, str]) -> dict | None:
-    try:
-        res = read_result(out / LATENCY_CPP_FILE, "latency")
-    except CheckpointError:
+    res = read_if_valid(out / LATENCY_CPP_FILE, "latency")
+    if res is None:
         return None
     same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == shas
     return res if same and res.get("status") == "complete" else None
@@ -45,18 +44,15 @@ def time_config_cpp(
     """Run the C++ runner on every exported model of one config -> latency_cpp.json (same row schema as
     latency.json), with a parity check of its outputs against Python ORT on the same input file."""
     out = Path(out_dir)
-    variants = export_stage.exported_variants(out)
+    variants = exported_variants(out)
     if not variants:
         raise CheckpointError(f"{cfg.id}: no exported model in {out}; run 'capsbench export' first")
-    shas = {v.name: export_stage.sha256(out / v.onnx) for v in variants}
+    shas = {v.name: sha256(out / v.onnx) for v in variants}
     if not force and (done := _done(out, settings, shas)) is not None:
         return {**done, "skipped": True}
-    try:
-        binary = build_runner()
-    except ExportError as e:
-        raise StageError(str(e)) from e
+    binary = build_runner()
     threads = settings.threads or default_threads()
-    images = export_stage.parity_images(splits(), max(settings.batch_sizes)).numpy()
+    images = training.test_images(splits(), max(settings.batch_sizes)).numpy()
     rows, parity, runner_info = [], {}, {}
     for v in variants:
         session = make_session(out / v.onnx, settings.provider, threads)
@@ -110,3 +106,28 @@ def time_config_cpp(
             f"(max abs diff {max(parity[n]['max_abs_diff'] for n in failed):.3g})"
         )
     return res
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+
+def done(ctx: Context) -> bool:
+    out, s = ctx.out, ctx.settings
+    shas = {v.name: sha256(out / v.onnx) for v in exported_variants(out)}
+    return not s.force and _done(out, s.time or TimeSettings(), shas) is not None
+
+
+def run(ctx: Context) -> dict:
+    return time_config_cpp(
+        ctx.cfg, ctx.out, ctx.splits, ctx.settings.time or TimeSettings(), force=ctx.settings.force
+    )
+
+
+STAGE = Stage(
+    "cpp",
+    reads=(rundir.ONNX_FILE, rundir.EXPORT_FILE),
+    writes=(LATENCY_CPP_FILE,),
+    run=run,
+    done=done,
+    help="latency from the C++ ONNX Runtime runner, its outputs checked against Python ORT",
+)

@@ -1,0 +1,48 @@
+"""The health stage: capsule lengths of the trained net over the evaluation set -> health.json, kept in step
+with the checkpoint (measured again when the checkpoint is newer)."""
+
+from __future__ import annotations
+
+from capsbench.suite import rundir
+from capsbench.suite import train as training
+from capsbench.suite.errors import CheckpointError
+from capsbench.suite.stages.base import Context, Stage
+
+
+def _output(ctx: Context) -> str:
+    return ctx.settings.health_output or rundir.HEALTH_FILE
+
+
+def done(ctx: Context) -> bool:
+    s = ctx.settings
+    if s.force or s.health_output is not None or s.health_threshold is not None:
+        return False  # an explicit measurement is always made
+    health, ckpt = ctx.out / rundir.HEALTH_FILE, ctx.out / rundir.CHECKPOINT_FILE
+    return health.is_file() and ckpt.is_file() and health.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns
+
+
+def run(ctx: Context) -> dict:
+    if not rundir.is_trained(ctx.out):
+        raise CheckpointError(
+            f"{ctx.cfg.id}: not trained (or its training failed, see {rundir.METRICS_FILE}); run 'capsbench train'"
+        )
+    if done(ctx):
+        return rundir.read_result(ctx.out / rundir.HEALTH_FILE, "health")
+    return training.measure_health(
+        ctx.cfg,
+        ctx.out,
+        ctx.splits(),
+        device=ctx.device,
+        threshold=ctx.settings.health_threshold,
+        output=_output(ctx),
+    )
+
+
+STAGE = Stage(
+    "health",
+    reads=(rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
+    writes=(rundir.HEALTH_FILE,),
+    run=run,
+    done=done,
+    help="inactive capsules per layer of the trained net",
+)

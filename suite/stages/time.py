@@ -1,0 +1,202 @@
+"""The time stage: every exported model of a config on every backend (ORT, torch eager, torch.compile) and batch
+size -> latency.json, from the one timing harness of export/latency.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capsbench.export import graph_flops, load_onnx, make_session, runtime_environment
+from capsbench.export import latency as harness
+from capsbench.export.sessions import default_threads, node_placement
+from capsbench.suite import rundir
+from capsbench.suite import train as training
+from capsbench.suite.checkpoints import load_model
+from capsbench.suite.env import environment
+from capsbench.suite.errors import CheckpointError
+from capsbench.suite.presets import RunConfig
+from capsbench.suite.rundir import (
+    LATENCY_FILE,
+    exported_variants,
+    read_if_valid,
+    read_result,
+    sha256,
+    write_json,
+)
+from capsbench.suite.stages.base import Context, Stage
+from capsbench.suite.stages.export import not_trained_message
+
+
+@dataclass(frozen=True)
+class TimeSettings:
+    batch_sizes: tuple[int, ...] = harness.DEFAULT_BATCH_SIZES
+    iters: int = 50
+    warmup: int = 5
+    threads: int | None = None
+    provider: str = "auto"
+    compile: bool = False
+    max_seconds: float | None = 10.0  # per backend and batch size, after at least 5 timed runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
+
+
+def _time_done(out: Path, settings: TimeSettings, onnx_shas: dict[str, str]) -> dict | None:
+    res = read_if_valid(out / LATENCY_FILE, "latency")
+    if res is None:
+        return None
+    same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == onnx_shas
+    return res if same and res.get("status") == "complete" else None
+
+
+def time_config(
+    cfg: RunConfig,
+    out_dir: Path,
+    splits: Callable[[], training.Splits],
+    settings: TimeSettings,
+    *,
+    force: bool = False,
+    gemm_cache: dict[str, dict] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time every exported model of a config on every backend and batch size -> latency.json.
+
+    Each row's gemm_fraction compares its GFLOP/s with this machine's fp32 GEMM rate on the same device and
+    threads (measured once per device into `gemm_cache`, so a grid pays for it once).
+    """
+    out = Path(out_dir)
+    variants = exported_variants(out)
+    if not variants:
+        if not rundir.is_trained(out):
+            raise CheckpointError(not_trained_message(cfg, out))
+        raise CheckpointError(f"{cfg.id}: no exported model in {out}; run 'capsbench export' first")
+    for v in variants:
+        if read_result(out / v.export, "export").get("checkpoint_sha256") != sha256(out / v.checkpoint):
+            raise CheckpointError(
+                f"{out / v.onnx}: exported from an older {v.checkpoint}; run 'capsbench export' again first"
+            )
+    shas = {v.name: sha256(out / v.onnx) for v in variants}
+    if not force and (done := _time_done(out, settings, shas)) is not None:
+        return {**done, "skipped": True}
+
+    threads = settings.threads or default_threads()
+    torch.set_num_threads(threads)  # torch and ORT get the same cores
+    images = training.test_images(splits(), max(settings.batch_sizes)).numpy()
+    gemm_cache = {} if gemm_cache is None else gemm_cache
+    rows, sessions, flops, placement, devices = [], {}, {}, {}, {}
+    for v in variants:
+        session = make_session(out / v.onnx, settings.provider, threads)
+        sessions[v.name] = session.info
+        flops[v.name] = graph_flops(load_onnx(out / v.onnx, check=False), batch=1)["flops_per_image"]
+        device = "cuda" if session.on_cuda and torch.cuda.is_available() else "cpu"
+        devices[v.name] = device
+        gemm = gemm_cache.get(device) or gemm_cache.setdefault(device, harness.gemm_gflops(device=device))
+        model = load_model(cfg, out / v.checkpoint)
+        backends = {f"ort_{'cuda' if session.on_cuda else 'cpu'}": harness.ort_backend(session)}
+        if session.on_cuda:
+            placement[v.name] = node_placement(out / v.onnx, images[:1], provider="cuda", threads=threads)
+            backends["ort_cuda_graph"] = _cuda_graph_backend(out / v.onnx, threads)
+        backends["torch_eager"] = harness.torch_backend(model, device)
+        if settings.compile:
+            backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
+        if progress is not None:
+            progress(f"{cfg.id} {v.name}: {session.provider}, {threads} threads")
+        for row in harness.sweep(
+            backends,
+            images,
+            settings.batch_sizes,
+            warmup=settings.warmup,
+            iters=settings.iters,
+            max_seconds=settings.max_seconds,
+            flops_per_image=flops[v.name],
+            progress=progress,
+        ):
+            if row.get("gflops_per_s") is not None:
+                row["gemm_fraction"] = row["gflops_per_s"] / gemm["gflops_per_s"]
+            rows.append({"variant": v.name, **row})
+        del session, model, backends
+    result = {
+        "config_id": cfg.id,
+        "label": cfg.label,
+        "status": "complete",
+        "settings": settings.to_dict(),
+        "onnx_sha256": shas,
+        "sessions": sessions,
+        "node_placement": placement or None,
+        "torch_device": devices,
+        "flops_per_image": flops,
+        "gemm": gemm_cache.get(devices[variants[0].name]),
+        "environment": {**environment(torch.device("cpu")), **runtime_environment()},
+        "rows": rows,
+    }
+    write_json(out / LATENCY_FILE, "latency", result)
+    return result
+
+
+def _cuda_graph_backend(path: Path, threads: int) -> harness.Prepare:
+    """ORT on CUDA with the whole graph captured: one session per batch size (a graph has fixed shapes)."""
+
+    def prepare(images: np.ndarray):
+        return make_session(path, "cuda", threads, cuda_graph=True).runner(images)
+
+    return prepare
+
+
+def format_latency(result: dict) -> str:
+    """The p50 table per variant, with ORT's speedup over torch eager and GFLOP/s against the GEMM rate."""
+    parts = []
+    for variant in dict.fromkeys(r["variant"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["variant"] == variant]
+        gflop = result["flops_per_image"][variant] / 1e9
+        parts.append(f"{result['config_id']} {variant} ({gflop:.3f} GFLOP/image)  {result['label']}")
+        parts.append(harness.format_table(rows))
+        ok = [r for r in rows if r.get("status") == "ok" and r.get("gemm_fraction") is not None]
+        if ok and result.get("gemm"):
+            best = max(ok, key=lambda r: r["gflops_per_s"])
+            parts.append(
+                f"best: {best['backend']} at batch {best['batch']}: {best['gflops_per_s']:.1f} GFLOP/s = "
+                f"{100 * best['gemm_fraction']:.0f}% of the {result['gemm']['gflops_per_s']:.1f} GFLOP/s fp32 "
+                f"GEMM rate"
+            )
+        errors = [r for r in rows if r.get("status") != "ok"]
+        parts.extend(f"  {r['backend']} batch {r['batch']}: {r['error']}" for r in errors)
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------- stage
+
+
+def _shas(out: Path) -> dict[str, str]:
+    return {v.name: sha256(out / v.onnx) for v in exported_variants(out)}
+
+
+def done(ctx: Context) -> bool:
+    s = ctx.settings
+    return not s.force and _time_done(ctx.out, s.time or TimeSettings(), _shas(ctx.out)) is not None
+
+
+def run(ctx: Context) -> dict:
+    return time_config(
+        ctx.cfg,
+        ctx.out,
+        ctx.splits,
+        ctx.settings.time or TimeSettings(),
+        force=ctx.settings.force,
+        gemm_cache=ctx.shared.setdefault("gemm", {}),
+        progress=ctx.log if ctx.settings.progress else None,
+    )
+
+
+STAGE = Stage(
+    "time",
+    reads=(rundir.ONNX_FILE, rundir.EXPORT_FILE, rundir.CHECKPOINT_FILE),
+    writes=(LATENCY_FILE,),
+    run=run,
+    done=done,
+    help="latency in ONNX Runtime, torch eager (and torch.compile) per batch size",
+)
