@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from capsbench.suite import train as training
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
@@ -21,6 +23,7 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_all_runs_every_stage_for_every_config(smoke_all_run):
     assert _json(smoke_all_run / "run.json")["preset"] == "smoke"
     for cfg in SMOKE:
@@ -29,6 +32,7 @@ def test_all_runs_every_stage_for_every_config(smoke_all_run):
         assert record["status"] == "complete"
         assert {k: v["status"] for k, v in record.items() if isinstance(v, dict)} == {
             "train": "ok",
+            "health": "ok",
             "prune": "ok",
             "export": "ok",
             "time": "ok",
@@ -48,6 +52,7 @@ def test_all_runs_every_stage_for_every_config(smoke_all_run):
         prune_dir = next(folder.glob("prune_chip_b0.25_c0.25"))
         assert (prune_dir / "health_pruned.json").is_file() and (prune_dir / "pruned.pt").is_file()
         assert _json(folder / "parity.json")["passed"] is True
+        assert not (folder / "error.txt").exists()
         backends = {r["backend"] for r in _json(folder / "latency.json")["rows"]}
         assert {"torch_eager", "ort_cpu"} <= backends
         cpp = _json(folder / "latency_cpp.json")
@@ -90,6 +95,7 @@ def _start(cmd: list[str]) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_all_killed_during_training_resumes_from_the_last_epoch(tmp_path, fashion_data_dir):
     extra = [
         "--configs",
@@ -119,6 +125,7 @@ def test_all_killed_during_training_resumes_from_the_last_epoch(tmp_path, fashio
     assert metrics["status"] == "complete" and metrics["resumed_from_epoch"] == 2
 
 
+@pytest.mark.slow
 def test_all_killed_during_timing_resumes_without_redoing_finished_stages(
     smoke_all_run, tmp_path, fashion_data_dir
 ):
@@ -137,15 +144,14 @@ def test_all_killed_during_timing_resumes_without_redoing_finished_stages(
         ]
     }
     proc = _start(_all_cmd(runs, fashion_data_dir))
-    seen, deadline = [], time.time() + 900
-    for line in proc.stdout:  # the second config's export stage is done: timing starts now
-        seen.append(line)
-        if SMOKE[-1].id in "".join(seen) and "export: ok" in line or time.time() > deadline:
-            break
-    time.sleep(0.5)
+    deadline = time.time() + 900  # the Python timing stage of the last config is done: the C++ one starts now
+    while not (target / "latency.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (target / "latency.json").exists(), proc.stdout.read()[-3000:]
     assert not (target / "latency_cpp.json").exists(), "the kill came too late"
+    kept[target / "latency.json"] = (target / "latency.json").stat().st_mtime_ns
     done = subprocess.run(_all_cmd(runs, fashion_data_dir), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing finished was redone
@@ -188,8 +194,10 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     assert code == 1
     cfgs = [c.replace(epochs=1, train_subset=400, eval_subset=200) for c in SMOKE]
     first = _json(tmp_path / "smoke" / cfgs[0].id / "pipeline.json")
-    assert first["status"] == "failed" and "diverged" not in first["train"]["status"]
-    assert "loss became nan" in first["train"]["error"]
+    assert first["status"] == "failed" and first["train"]["status"] == "failed"
+    assert first["train"]["error_type"] == "DivergenceError" and "loss became nan" in first["train"]["error"]
+    assert "health" not in first  # a failed training skips the stages that read its checkpoint
+    assert "DivergenceError" in (tmp_path / "smoke" / cfgs[0].id / "error.txt").read_text()
     assert _json(tmp_path / "smoke" / cfgs[0].id / "metrics.json")["status"] == "diverged"
     assert _json(tmp_path / "smoke" / cfgs[1].id / "pipeline.json")["status"] == "complete"
     out = capsys.readouterr().out
@@ -227,3 +235,28 @@ def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir
     seeds = sorted(_json(p)["config"]["seed"] for p in (tmp_path / "smoke").glob("*/config.json"))
     assert seeds == [0, 1]
     assert "Mean ± std over seeds" in (tmp_path / "smoke" / "report.html").read_text()
+
+
+def test_an_unavailable_provider_fails_each_config_without_a_traceback(tmp_path, fashion_data_dir, capsys):
+    """`all --provider cuda` on a machine without CUDA: every config's timing stages are recorded as failed
+    (message in pipeline.json, traceback in error.txt), no config stops the others, one line per failure."""
+    common = ["--preset", "smoke", "--runs-dir", str(tmp_path), "--data-dir", str(fashion_data_dir)]
+    tiny = ["--epochs", "1", "--train-subset", "64", "--eval-subset", "32", "--no-progress"]
+    assert main(["all", *common, *tiny, "--only", "train", "export"]) == 0
+    capsys.readouterr()
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the provider is available")
+    timing = ["--batch-sizes", "1", "--iters", "2"]
+    code = main(["all", *common, *tiny, *timing, "--only", "time", "cpp", "--provider", "cuda"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    cfgs = [c.replace(epochs=1, train_subset=64, eval_subset=32) for c in SMOKE]
+    assert captured.err.count("\n") == 2 * len(cfgs)  # time and cpp of every config
+    for cfg in cfgs:
+        record = _json(tmp_path / "smoke" / cfg.id / "pipeline.json")
+        assert record["status"] == "failed"
+        assert record["time"]["status"] == "failed" and "cuda" in record["time"]["error"].lower()
+        assert record["export"]["status"] == "ok"  # the earlier command's record is kept
+        assert "Traceback" in (tmp_path / "smoke" / cfg.id / "error.txt").read_text()
