@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from capsbench.export.errors import ExportError
+from capsbench.files import atomic_write
 
 CPP_DIR = Path(__file__).resolve().parent / "cpp"
 RUNNER = "capsbench-runner"
@@ -71,15 +72,7 @@ class RunnerError(CppRunnerError):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def tensor_record(array: np.ndarray) -> bytes:

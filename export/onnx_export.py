@@ -22,6 +22,7 @@ from torch import nn
 
 from capsbench.export.errors import ExportError
 from capsbench.export.validate import check_static_graph, io_spec, op_census
+from capsbench.files import atomic_write
 
 INPUT_NAME, OUTPUT_NAME, LENGTHS_NAME = "images", "capsules", "lengths"
 BATCH = "batch"
@@ -43,17 +44,7 @@ class WithLengths(nn.Module):
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data), "wb")
 
 
 @contextmanager

@@ -20,7 +20,6 @@ from capsbench.export.errors import ExportError, SessionError
 from capsbench.export.validate import REEXPORT_ADVICE
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-PROVIDERS = ("auto", "cpu", "cuda")
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -37,6 +36,21 @@ DEFAULT_CUDA_OPTIONS = {
     "arena_extend_strategy": "kNextPowerOfTwo",
     "use_tf32": "0",
 }
+
+
+@dataclass(frozen=True)
+class ExecutionProvider:
+    """One ONNX Runtime execution provider, everything the suite needs to know of it in one place: a new one is
+    one entry in EXECUTION_PROVIDERS (and, for the C++ runner, its `--provider` branch in runner.cpp)."""
+
+    name: str  # the --provider value, and the suffix of the timing backends (ort_<name>, ort_cpp_<name>)
+    ort_name: str  # ONNX Runtime's name
+    device: str  # where IOBinding keeps inputs and outputs (an OrtValue device), and torch eager runs
+    runner_flag: str  # the C++ runner's --provider value
+    options: dict[str, Any] = field(default_factory=dict)  # provider options (the caller's override them)
+    present: Callable[[], bool] = lambda: True  # whether this machine has the device
+    graphs: bool = False  # whether whole-graph capture (CUDA graphs) is offered
+    iobinding: bool = False  # whether timing binds device buffers by default
 
 
 def default_threads() -> int:
@@ -59,6 +73,28 @@ def cuda_device_present() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
+EXECUTION_PROVIDERS: dict[str, ExecutionProvider] = {
+    "cpu": ExecutionProvider("cpu", CPU, "cpu", "cpu"),
+    "cuda": ExecutionProvider(
+        "cuda",
+        CUDA,
+        "cuda",
+        "cuda",
+        options=DEFAULT_CUDA_OPTIONS,
+        present=lambda: cuda_device_present(),  # looked up when called (tests replace it)
+        graphs=True,
+        iobinding=True,
+    ),
+}
+PROVIDERS = ("auto", *EXECUTION_PROVIDERS)  # the CLI's --provider choices
+_BY_ORT_NAME = {ep.ort_name: ep for ep in EXECUTION_PROVIDERS.values()}
+
+
+def execution_provider(ort_name: str) -> ExecutionProvider:
+    """The registry entry of a provider ONNX Runtime reports (e.g. session.get_providers()[0])."""
+    return _BY_ORT_NAME[ort_name]
+
+
 @dataclass
 class OrtSession:
     """An InferenceSession and what it really runs on. `run` takes and returns numpy; `runner` prepares a
@@ -76,6 +112,10 @@ class OrtSession:
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
+
+    @property
+    def execution_provider(self) -> ExecutionProvider:
+        return execution_provider(self.provider)
 
     @property
     def on_cuda(self) -> bool:
@@ -114,11 +154,12 @@ class OrtSession:
         """
         self.check_input(images.shape)
         images = np.ascontiguousarray(images, dtype=np.float32)
-        if not (self.on_cuda if iobinding is None else iobinding):
+        ep = self.execution_provider
+        if not (ep.iobinding if iobinding is None else iobinding):
             feed, names = {self.input_name: images}, self.output_names
             return (lambda: self.session.run(names, feed)), None
-        device = "cuda" if self.on_cuda else "cpu"
-        device_id = int((self.info.get("cuda_options") or {}).get("device_id", 0))
+        device = ep.device
+        device_id = int((self.info.get("provider_options") or {}).get("device_id", 0))
         binding = self.session.io_binding()
         x = ort.OrtValue.ortvalue_from_numpy(images, device, device_id)
         binding.bind_ortvalue_input(self.input_name, x)
@@ -186,45 +227,55 @@ def make_session(
         raise ExportError(f"{path}: ONNX file not found; export the model first (capsbench export)")
     threads = threads or default_threads()
     available = ort.get_available_providers()
-    want_cuda = provider == "cuda" or (provider == "auto" and CUDA in available and cuda_device_present())
-    if provider == "cuda" and CUDA not in available:
-        raise SessionError(
-            f"--provider cuda: this onnxruntime ({ort.__version__}) has no CUDA provider (it has "
-            f"{', '.join(available)}); install onnxruntime-gpu, or use --provider cpu"
+    if provider == "auto":  # the first accelerator this onnxruntime has and this machine has a device for
+        accel = [ep for ep in EXECUTION_PROVIDERS.values() if ep.ort_name != CPU]
+        want = next(
+            (ep for ep in accel if ep.ort_name in available and ep.present()), EXECUTION_PROVIDERS["cpu"]
         )
-    if cuda_graph and not want_cuda:
+    else:
+        want = EXECUTION_PROVIDERS[provider]
+        if want.ort_name not in available:
+            raise SessionError(
+                f"--provider {provider}: this onnxruntime ({ort.__version__}) has no {want.ort_name} (it has "
+                f"{', '.join(available)}); install an onnxruntime build with it, or use --provider cpu"
+            )
+    want_cuda = want.ort_name == CUDA
+    if cuda_graph and not want.graphs:
         raise SessionError("CUDA graphs need the CUDA provider; drop cuda_graph or use provider='cuda'")
 
     so = _session_options(threads, opt_level, optimized_model_path, _profile_prefix)
     providers: list[Any] = [CPU]
     opts: dict[str, Any] = {}
-    if want_cuda:
-        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels that torch installs
+    if want.ort_name != CPU:
+        if want_cuda and hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch installs
             with contextlib.suppress(Exception):  # only a hint; session creation says what is missing
                 ort.preload_dlls()
-        opts = {**DEFAULT_CUDA_OPTIONS, **(cuda_options or {})}
+        opts = {**want.options, **(cuda_options or {})}
         if cuda_graph:
             opts["enable_cuda_graph"] = "1"
-        providers = [(CUDA, {k: str(v) for k, v in opts.items()}), CPU]
+        providers = [(want.ort_name, {k: str(v) for k, v in opts.items()}), CPU]
     try:
         session = ort.InferenceSession(str(path), so, providers=providers)
     except (
         Exception
     ) as e:  # ORT raises Fail/InvalidProtobuf/InvalidGraph/...: all mean "cannot use this file"
         msg = f"{type(e).__name__}: {str(e).strip()[:1000]}"
-        if want_cuda and ("CUDA" in msg or "cuda" in msg or "graph capture" in msg):
-            raise SessionError(f"{path}: could not create a CUDA session ({msg})") from e
+        if want.ort_name != CPU and (want.name in msg.lower() or "graph capture" in msg):
+            raise SessionError(f"{path}: could not create a {want.ort_name} session ({msg})") from e
         raise ExportError(f"{path}: ONNX Runtime cannot load it ({msg}); {REEXPORT_ADVICE}") from e
 
     used = session.get_providers()[0]
     fallback = None
-    if want_cuda and used != CUDA:
-        fallback = (
-            "ONNX Runtime could not create the CUDA provider and fell back to CPU (CUDA 13 / cuDNN 9 "
-            "libraries missing or no usable GPU; see ORT's log above)"
+    if used != want.ort_name:
+        fallback = f"ONNX Runtime could not create {want.ort_name} and fell back to CPU" + (
+            " (CUDA 13 / cuDNN 9 libraries missing or no usable GPU; see ORT's log above)"
+            if want_cuda
+            else ""
         )
-        if provider == "cuda" or cuda_graph:
-            raise SessionError(f"{path}: --provider cuda was asked for but {fallback}; use --provider cpu")
+        if provider != "auto" or cuda_graph:
+            raise SessionError(
+                f"{path}: --provider {want.name} was asked for but {fallback}; use --provider cpu"
+            )
     info = {
         "provider": used,
         "requested": provider,
@@ -235,6 +286,7 @@ def make_session(
         "opt_level": opt_level,
         "cuda_graph": bool(cuda_graph and used == CUDA),
         "cuda_options": opts if used == CUDA else None,
+        "provider_options": opts if used != CPU else None,
         "onnxruntime": ort.__version__,
     }
     return OrtSession(session=session, path=path, provider=used, info=info)

@@ -243,11 +243,15 @@ def prepare_ort_headers(dest: Path, log: Log = print) -> Path:
     include = provision_ort() / "include"
     if not (include / "onnxruntime_cxx_api.h").is_file():
         raise DockerError(f"{include} holds no onnxruntime_cxx_api.h; rerun export/cpp/provision_ort.sh")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(include, tmp, symlinks=False)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # unique: no two builds collide
+    try:
+        shutil.copytree(include, tmp, symlinks=False, dirs_exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log(f"ONNX Runtime headers: {include} -> {dest}")
     return dest
 

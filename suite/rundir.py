@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capsbench.files import atomic_write
 from capsbench.suite.errors import CheckpointError
+
+__all__ = ["atomic_write"]  # the writer of every result file, from the one definition in capsbench/files.py
 
 SCHEMA_VERSION = 1
 DEFAULT_RUNS_DIR = Path("runs")
@@ -107,25 +107,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Write through a uniquely named temp file in the same folder, fsync, then rename (mode 0644): a reader
-    never sees half a file, and two writers never share a temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: Path, kind: str, data: dict[str, Any]) -> Path:

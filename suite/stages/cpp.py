@@ -56,7 +56,7 @@ def time_config_cpp(
     rows, parity, runner_info = [], {}, {}
     for v in variants:
         session = make_session(out / v.onnx, settings.provider, threads)
-        provider = "cuda" if session.on_cuda else "cpu"
+        provider = session.execution_provider.runner_flag
         with tempfile.TemporaryDirectory(prefix="capsbench-cpp-") as tmp:
             output = Path(tmp) / "outputs.cbt"
             try:

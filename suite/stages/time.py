@@ -93,14 +93,16 @@ def time_config(
         session = make_session(out / v.onnx, settings.provider, threads)
         sessions[v.name] = session.info
         flops[v.name] = graph_flops(load_onnx(out / v.onnx, check=False), batch=1)["flops_per_image"]
-        device = "cuda" if session.on_cuda and torch.cuda.is_available() else "cpu"
+        ep = session.execution_provider
+        device = ep.device if ep.device == "cuda" and torch.cuda.is_available() else "cpu"
         devices[v.name] = device
         gemm = gemm_cache.get(device) or gemm_cache.setdefault(device, harness.gemm_gflops(device=device))
         model = load_model(cfg, out / v.checkpoint)
-        backends = {f"ort_{'cuda' if session.on_cuda else 'cpu'}": harness.ort_backend(session)}
-        if session.on_cuda:
-            placement[v.name] = node_placement(out / v.onnx, images[:1], provider="cuda", threads=threads)
-            backends["ort_cuda_graph"] = _cuda_graph_backend(out / v.onnx, threads)
+        backends = {f"ort_{ep.name}": harness.ort_backend(session)}
+        if ep.name != "cpu":  # which nodes ORT silently left on the CPU
+            placement[v.name] = node_placement(out / v.onnx, images[:1], provider=ep.name, threads=threads)
+        if ep.graphs:
+            backends[f"ort_{ep.name}_graph"] = _graph_backend(out / v.onnx, ep.name, threads)
         backends["torch_eager"] = harness.torch_backend(model, device)
         if settings.compile:
             backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
@@ -138,11 +140,11 @@ def time_config(
     return result
 
 
-def _cuda_graph_backend(path: Path, threads: int) -> harness.Prepare:
-    """ORT on CUDA with the whole graph captured: one session per batch size (a graph has fixed shapes)."""
+def _graph_backend(path: Path, provider: str, threads: int) -> harness.Prepare:
+    """ORT with the whole graph captured (CUDA graphs): one session per batch size (a graph has fixed shapes)."""
 
     def prepare(images: np.ndarray):
-        return make_session(path, "cuda", threads, cuda_graph=True).runner(images)
+        return make_session(path, provider, threads, cuda_graph=True).runner(images)
 
     return prepare
 

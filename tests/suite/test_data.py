@@ -23,6 +23,7 @@ import torch
 
 from capsbench.suite import data
 from capsbench.suite.cli import data as cli_data
+from capsbench.suite.data import download, verify
 from capsbench.suite.errors import CapsbenchError, ChecksumError, ConfigError, DatasetError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -41,7 +42,7 @@ IDX_NAMES = (
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch):
     # Retries would otherwise sleep seconds between attempts.
-    monkeypatch.setattr(data, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(download, "_BACKOFF_S", 0.0)
 
 
 def _files_in(folder: Path) -> list[str]:
@@ -209,8 +210,8 @@ def test_verification_is_cached_per_file_version(fashion_dir, tmp_path, monkeypa
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         shutil.copy(fashion_dir / "fashion-mnist" / name, folder / name)
     calls = []
-    real = data._digest_stream
-    monkeypatch.setattr(data, "_digest_stream", lambda *a: calls.append(1) or real(*a))
+    real = verify._digest_stream
+    monkeypatch.setattr(verify, "_digest_stream", lambda *a: calls.append(1) or real(*a))
     data.load_split("fashion-mnist", "test", tmp_path)
     data.load_split("fashion-mnist", "test", tmp_path)
     assert len(calls) == 2  # two files, each hashed once

@@ -1,6 +1,6 @@
 """Regression benchmarks of the exported model (pytest-benchmark), outside tests/ so the normal suite skips them.
 
-    .venv/bin/pytest suite/bench --benchmark-only [--benchmark-json out.json] [--benchmark-compare-fail median:10%]
+    .venv/bin/pytest benchmarks --benchmark-only [--benchmark-json out.json] [--benchmark-compare-fail median:10%]
 
 Without --capsbench-run-dir (or $CAPSBENCH_BENCH_RUN_DIR) an untrained net of --capsbench-model (smoke, sabour)
 is exported on the fly; latency does not depend on the weights. Compare only runs from the same machine (or
@@ -18,12 +18,11 @@ import pytest
 import torch
 
 from capsbench.export import export_onnx, make_session
-from capsbench.export.sessions import OrtSession, default_threads
+from capsbench.export.sessions import PROVIDERS, OrtSession, default_threads
 from capsbench.models import CapsNet, build_capsnet
-from capsbench.suite import data
-from capsbench.suite import train as training
+from capsbench.suite import data, rundir
+from capsbench.suite.checkpoints import load_model
 from capsbench.suite.presets import RunConfig, get_preset
-from capsbench.suite.rundir import read_result
 
 MODELS = {
     "smoke": lambda: get_preset("smoke").configs()[0],
@@ -52,7 +51,7 @@ def pytest_addoption(parser):
         help="comma-separated batch sizes (default: 1,8,32,128)",
     )
     group.addoption("--capsbench-threads", type=int, default=None, help="CPU threads for ORT and torch")
-    group.addoption("--capsbench-provider", default="auto", choices=["auto", "cpu", "cuda"])
+    group.addoption("--capsbench-provider", default="auto", choices=PROVIDERS)
 
 
 def pytest_generate_tests(metafunc):
@@ -81,13 +80,15 @@ def _images(cfg: RunConfig, count: int = 128) -> np.ndarray:
 
 def _from_run_dir(run_dir: Path, prefix: str | None) -> tuple[CapsNet, Path, RunConfig]:
     dirs = sorted(
-        d for d in run_dir.iterdir() if (d / "model.onnx").is_file() and (d / "config.json").is_file()
+        d
+        for d in run_dir.iterdir()
+        if (d / rundir.ONNX_FILE).is_file() and (d / rundir.CONFIG_FILE).is_file()
     )
     dirs = [d for d in dirs if prefix is None or d.name.startswith(prefix)]
     if not dirs:
         pytest.exit(f"{run_dir}: no exported config here; run 'capsbench export' first", returncode=2)
-    cfg = RunConfig.from_dict(read_result(dirs[0] / "config.json", "config")["config"])
-    return training.load_model(cfg, dirs[0] / "checkpoint.pt"), dirs[0] / "model.onnx", cfg
+    cfg = RunConfig.from_dict(rundir.read_result(dirs[0] / rundir.CONFIG_FILE, "config")["config"])
+    return load_model(cfg, dirs[0] / rundir.CHECKPOINT_FILE), dirs[0] / rundir.ONNX_FILE, cfg
 
 
 @pytest.fixture(scope="session")

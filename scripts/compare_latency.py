@@ -1,7 +1,7 @@
 """Benchmark (not a test): p50 latency of the C++ runner against Python ONNX Runtime on the same model, threads,
 optimisation level, warm-up, iterations and real images, measured back to back and repeated (medians reported).
 
-    .venv/bin/python export/cpp/compare_latency.py [--nets smoke,sabour] [--batches 1,8,64] [--repeats 5]
+    .venv/bin/python scripts/compare_latency.py [--nets smoke,sabour] [--batches 1,8,64] [--repeats 5]
 """
 
 from __future__ import annotations
