@@ -17,6 +17,17 @@ def fashion_data_dir() -> Path:
     return data_dir
 
 
+# Session fixtures that run the benchmark end to end: every test using one is `slow` (left out of the fast loop
+# `pytest -m "not slow"`; CI runs everything).
+END_TO_END_FIXTURES = {"smoke_all_run", "smoke_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 SMOKE_ALL_ARGS = ["--batch-sizes", "1", "8", "--iters", "10", "--no-progress"]
 
 

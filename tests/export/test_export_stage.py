@@ -1,14 +1,20 @@
 """`capsbench export` and `capsbench time` on a briefly trained smoke config: files, resume, pruned variant,
 clear errors for an untrained config or a corrupt model."""
 
+import dataclasses
+
 import pytest
+import torch
 
 from capsbench.models import CapsNetConfig, build_capsnet
+from capsbench.models.config import BACKBONES, PRIMARY_LAYOUTS
+from capsbench.suite import rundir, runner
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import save_torch
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 from capsbench.suite.rundir import read_result
+from capsbench.suite.stages import Settings
 
 CFG = next(c for c in get_preset("smoke").configs() if c.model.depth == 0)
 TINY = ["--train-subset", "64", "--eval-subset", "32", "--epochs", "1"]
@@ -123,3 +129,34 @@ def test_a_corrupt_model_file_is_one_clear_line(run, tmp_path, capsys):
     assert main(["time", *args, "--batch-sizes", "1", "--iters", "2", "--force"]) == 2
     err = capsys.readouterr().err
     assert "model.onnx" in err and "re-export" in err
+
+
+@pytest.mark.parametrize("layout", PRIMARY_LAYOUTS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_the_export_stage_exports_every_backbone_and_primary_layout(
+    backbone, layout, tmp_path, fashion_data_dir
+):
+    """Through the runner as `capsbench export` runs it: an ONNX file that passes parity on real images, for
+    each entry of the models' backbone and layout registries (weights need no training for this)."""
+    channels = (8, 16, 32) if backbone == "sahu" else (32,)
+    model_cfg = CapsNetConfig(
+        backbone=backbone, backbone_channels=channels, primary_types=4, primary_dim=8, primary_layout=layout
+    )
+    cfg = dataclasses.replace(CFG, model=model_cfg, train_subset=64, eval_subset=32, epochs=1)
+    out = rundir.config_dir(tmp_path, cfg)
+    torch.manual_seed(0)
+    net = build_capsnet(model_cfg)
+    save_torch(
+        out / rundir.CHECKPOINT_FILE,
+        {"config_id": cfg.id, "model_config": model_cfg.to_dict(), "model": net.state_dict()},
+    )
+    rundir.write_json(out / rundir.METRICS_FILE, "metrics", {"config_id": cfg.id, "status": "complete"})
+    result = runner.run(
+        [cfg], tmp_path, ["export"], Settings(parity_images=32), data_dir=fashion_data_dir, log=lambda _: None
+    )
+    assert [f.message for f in result.failures] == []
+    info = read_result(out / rundir.EXPORT_FILE, "export")
+    assert info["exporter"] == "dynamo" and "Loop" not in info["op_census"]
+    par = read_result(out / rundir.PARITY_FILE, "parity")
+    assert par["passed"] and par["images"] == 32
+    assert read_result(out / rundir.PIPELINE_FILE, "pipeline")["export"]["status"] == "ok"

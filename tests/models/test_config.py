@@ -1,6 +1,9 @@
 """CapsNetConfig: frozen, hashable, stable id, JSON round trip, clear errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,8 +20,16 @@ def test_config_id_changes_with_any_field_and_is_stable_across_processes():
     a = CapsNetConfig()
     assert a.id != CapsNetConfig(routing_iters=2).id
     assert a.id != CapsNetConfig(intermediate=((16, 12),)).id
-    # A fixed value: ids must not depend on dict order or Python's hash seed.
-    assert a.id == CapsNetConfig().id and len(a.id) == 10
+    # Ids must not depend on dict order or Python's hash seed: another process with another seed agrees.
+    code = "from capsbench.models import CapsNetConfig; print(CapsNetConfig().id)"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert other.stdout.strip() == a.id and len(a.id) == 10
 
 
 def test_config_is_frozen():
