@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from capsbench.suite.env import git_commit
 from capsbench.suite.errors import CapsbenchError
 
 DEFAULT_TAG = "capsbench"
@@ -78,60 +79,6 @@ def client(base_url: str | None = None):
             "running one"
         ) from None
     return c
-
-
-def start_daemon(root: Path = CACHE, timeout: float = 60) -> tuple[str, subprocess.Popen]:
-    """Start a private dockerd (root only) keeping its images in `root`/data, so they survive between runs.
-
-    No bridge network and no iptables rules: containers run with network "none" (or "host"). Returns the
-    daemon's address (unix://...) and its process; `stop_daemon` ends it.
-    """
-    if os.geteuid() != 0:
-        raise DockerError("starting a Docker daemon needs root (or start one yourself and set DOCKER_HOST)")
-    if not shutil.which("dockerd"):
-        raise DockerError("dockerd is not installed: apt-get install docker.io (Debian/Ubuntu)")
-    root.mkdir(parents=True, exist_ok=True)
-    sock = root / "docker.sock"
-    url = f"unix://{sock}"
-    with open(root / "dockerd.log", "ab") as log:
-        proc = subprocess.Popen(
-            [
-                "dockerd",
-                f"--data-root={root / 'data'}",
-                f"--exec-root={root / 'exec'}",
-                f"--pidfile={root / 'dockerd.pid'}",
-                f"--host={url}",
-                "--bridge=none",
-                "--iptables=false",
-                "--ip-masq=false",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = (root / "dockerd.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise DockerError(f"dockerd exited with code {proc.returncode}: " + " | ".join(tail))
-        try:
-            client(url).close()
-            return url, proc
-        except DaemonUnavailable:
-            time.sleep(0.5)
-    stop_daemon(proc)
-    raise DockerError(f"dockerd did not answer at {url} within {timeout:.0f} s; see {root / 'dockerd.log'}")
-
-
-def stop_daemon(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM to the daemon we started (it stops its containers and its containerd), then wait."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def host_has_gpu() -> bool:
@@ -324,16 +271,6 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def git_commit(root: Path) -> str:
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return res.stdout.strip()
-
-
 def build_image(
     *,
     tag: str = DEFAULT_TAG,
@@ -373,7 +310,7 @@ def build_image(
                     f"image {image} not found and an offline build cannot pull it: pull or build it first, or "
                     "leave --base-image out for the local Debian base"
                 )
-    args = {"TORCH": torch, "ORT": ort, "GIT_COMMIT": git_commit(root)}
+    args = {"TORCH": torch, "ORT": ort, "GIT_COMMIT": git_commit(root) or ""}
     if base_image:
         args["BASE_IMAGE"] = base_image
     if builder_image:

@@ -28,11 +28,16 @@ def pick_device(requested: str | None = None) -> torch.device:
     return dev
 
 
-@lru_cache(maxsize=1)
-def git_commit() -> str | None:
+@lru_cache(maxsize=4)
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the checkout at `root` (default: this package's), else $CAPSBENCH_GIT_COMMIT, else None."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=root or Path(__file__).parent,
+            timeout=5,
         )
         commit = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

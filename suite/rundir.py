@@ -22,7 +22,6 @@ from capsbench.suite.errors import CheckpointError
 __all__ = ["atomic_write"]  # the writer of every result file, from the one definition in capsbench/files.py
 
 SCHEMA_VERSION = 1
-DEFAULT_RUNS_DIR = Path("runs")
 
 # run level
 RUN_FILE = "run.json"

@@ -32,6 +32,67 @@ needs_docker = [
 ]
 
 
+# ------------------------------------------------------------------------------------ a private daemon (tests)
+
+
+def start_daemon(root: Path = dk.CACHE, timeout: float = 60) -> tuple[str, subprocess.Popen]:
+    """Start a private dockerd (root only) keeping its images in `root`/data, so they survive between runs.
+
+    No bridge network and no iptables rules: containers run with network "none" (or "host"). Returns the
+    daemon's address (unix://...) and its process; `stop_daemon` ends it.
+    """
+    if os.geteuid() != 0:
+        raise dk.DockerError(
+            "starting a Docker daemon needs root (or start one yourself and set DOCKER_HOST)"
+        )
+    if not shutil.which("dockerd"):
+        raise dk.DockerError("dockerd is not installed: apt-get install docker.io (Debian/Ubuntu)")
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / "docker.sock"
+    url = f"unix://{sock}"
+    with open(root / "dockerd.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                "dockerd",
+                f"--data-root={root / 'data'}",
+                f"--exec-root={root / 'exec'}",
+                f"--pidfile={root / 'dockerd.pid'}",
+                f"--host={url}",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (root / "dockerd.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise dk.DockerError(f"dockerd exited with code {proc.returncode}: " + " | ".join(tail))
+        try:
+            dk.client(url).close()
+            return url, proc
+        except dk.DaemonUnavailable:
+            time.sleep(0.5)
+    stop_daemon(proc)
+    raise dk.DockerError(
+        f"dockerd did not answer at {url} within {timeout:.0f} s; see {root / 'dockerd.log'}"
+    )
+
+
+def stop_daemon(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the daemon we started (it stops its containers and its containerd), then wait."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ------------------------------------------------------------------------------------------- without a daemon
 
 
@@ -90,11 +151,11 @@ def docker_url():
     if os.geteuid() != 0:
         pytest.skip("no Docker daemon answers and starting one needs root (or set DOCKER_HOST)")
     _install_tools()
-    url, proc = dk.start_daemon(dk.CACHE)
+    url, proc = start_daemon(dk.CACHE)
     try:
         yield url
     finally:
-        dk.stop_daemon(proc)
+        stop_daemon(proc)
 
 
 @pytest.fixture(scope="module")
