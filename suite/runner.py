@@ -86,6 +86,7 @@ def _update_run_file(run_dir: Path, configs: list[RunConfig], names: list[str], 
 def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) -> tuple[bool, Any]:
     t0 = time.perf_counter()
     try:
+        up_to_date = stage.done(ctx)
         result = stage.run(ctx)
     except Exception as e:  # the error boundary: any failure of a stage is this config's, not the run's
         record[stage.name] = {
@@ -97,8 +98,13 @@ def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) 
         tracebacks.append(f"stage {stage.name}:\n{traceback.format_exc()}")
         ctx.log(f"    {stage.name}: FAILED: {message_of(e)}")
         return False, e
-    record[stage.name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 2)}
-    ctx.log(f"    {stage.name}: ok ({record[stage.name]['seconds']:.1f} s)")
+    record[stage.name] = {
+        "status": "ok",
+        "up_to_date": up_to_date,  # nothing was left to do: the stage's results were already there
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    note = "up to date" if up_to_date else f"{record[stage.name]['seconds']:.1f} s"
+    ctx.log(f"    {stage.name}: ok ({note})")
     return True, result
 
 

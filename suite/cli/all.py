@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capsbench.export.latency import DEFAULT_BATCH_SIZES
-from capsbench.export.sessions import PROVIDERS
 from capsbench.models.pruning import CRITERIA
 from capsbench.suite import rundir, stages
 from capsbench.suite.cli import options
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import get_preset
 from capsbench.suite.stages import PruneSettings
-from capsbench.suite.stages.time import TimeSettings
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -62,26 +59,7 @@ def register(sub) -> None:
     p.add_argument(
         "--criterion", choices=CRITERIA, default="chip", help="channel score (default: %(default)s)"
     )
-    p.add_argument(
-        "--batch-sizes",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_BATCH_SIZES),
-        metavar="N",
-        help="batch sizes to time (default: %(default)s)",
-    )
-    p.add_argument(
-        "--iters",
-        type=int,
-        default=TimeSettings.iters,
-        help="timed runs per batch size (default: %(default)s)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for ORT, C++ and torch (default: all cores)"
-    )
-    p.add_argument(
-        "--provider", choices=PROVIDERS, default="auto", help="ONNX Runtime provider (default: %(default)s)"
-    )
+    options.add_timing(p)
     p.add_argument(
         "--baseline",
         type=Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from capsbench.suite import data
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import RunConfig, get_preset
 
@@ -43,9 +44,7 @@ def add_grid(p: argparse.ArgumentParser) -> None:
         default=None,
         help="name of the run folder (default: the preset's name, so rerunning resumes it)",
     )
-    p.add_argument(
-        "--dataset", default=None, help="override the preset's dataset (mnist, fashion-mnist, ...)"
-    )
+    p.add_argument("--dataset", choices=data.DATASETS, default=None, help="override the preset's dataset")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     p.add_argument(
         "--train-subset", type=int, default=None, help="override: train on the first N shuffled images"
@@ -56,6 +55,48 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
 
 
+def add_timing(p: argparse.ArgumentParser) -> None:
+    """The timing harness's options (`time`, and `all` for its time and cpp stages)."""
+    from capsbench.export.latency import DEFAULT_BATCH_SIZES
+    from capsbench.export.sessions import PROVIDERS
+    from capsbench.suite.stages.time import TimeSettings
+
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_BATCH_SIZES),
+        metavar="N",
+        help="batch sizes to time (default: %(default)s)",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=TimeSettings.iters,
+        help="timed runs per batch size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=TimeSettings.warmup, help="untimed runs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=TimeSettings.max_seconds,
+        help="stop timing a backend at one batch size after this many seconds, keeping at least 5 runs "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for ORT, C++ and torch (default: all cores)"
+    )
+    p.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="auto",
+        help="ONNX Runtime execution provider: auto (an accelerator when it really runs, else CPU) or one of "
+        "export/sessions.py's EXECUTION_PROVIDERS (default: auto)",
+    )
+
+
 def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The preset's configs with the command line's overrides and filters applied."""
     configs = get_preset(args.preset).configs()
@@ -64,8 +105,9 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
         for k in ("dataset", "epochs", "train_subset", "eval_subset", "seed")
         if getattr(args, k, None) is not None
     }
-    if overrides.get("dataset") in ("cifar10", "svhn"):
-        overrides.update(in_channels=3, image_size=32)
+    if "dataset" in overrides:  # the model's input follows the dataset's image shape
+        channels, size, _ = data.get_spec(overrides["dataset"]).shape
+        overrides.update(in_channels=channels, image_size=size)
     pairs = [(c, c.replace(**overrides)) for c in configs]
     if args.configs:
         # Match the ids 'capsbench presets' lists as well as the ids after overrides (the run folders' names).

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from capsbench.export.latency import DEFAULT_BATCH_SIZES
-from capsbench.export.sessions import PROVIDERS
 from capsbench.suite.cli import options
 from capsbench.suite.rundir import LATENCY_FILE
-from capsbench.suite.stages.time import TimeSettings, format_latency
+from capsbench.suite.stages.time import format_latency
 
 
 def register(sub) -> None:
@@ -21,34 +19,7 @@ def register(sub) -> None:
     )
     options.add_grid(p)
     options.add_data_dir(p)
-    p.add_argument(
-        "--batch-sizes",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_BATCH_SIZES),
-        metavar="N",
-        help="batch sizes to sweep (default: %(default)s)",
-    )
-    p.add_argument("--iters", type=int, default=TimeSettings.iters, help="timed runs (default: %(default)s)")
-    p.add_argument(
-        "--warmup", type=int, default=TimeSettings.warmup, help="untimed runs (default: %(default)s)"
-    )
-    p.add_argument(
-        "--max-seconds",
-        type=float,
-        default=TimeSettings.max_seconds,
-        help="stop timing a backend at one batch size after this many seconds, keeping at least 5 runs "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for ORT and torch (default: all cores)"
-    )
-    p.add_argument(
-        "--provider",
-        choices=PROVIDERS,
-        default="auto",
-        help="ONNX Runtime provider: auto (CUDA when it really runs, else CPU), cpu, cuda (default: auto)",
-    )
+    options.add_timing(p)
     p.add_argument(
         "--compile", action="store_true", help="also time torch.compile (compiles once per batch size: slow)"
     )

@@ -18,19 +18,11 @@ from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.errors import CheckpointError, StageError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.rundir import LATENCY_CPP_FILE, exported_variants, read_if_valid, sha256, write_json
+from capsbench.suite.rundir import LATENCY_CPP_FILE, exported_variants, sha256, write_json
 from capsbench.suite.stages.base import Context, Stage
-from capsbench.suite.stages.time import TimeSettings
+from capsbench.suite.stages.time import TimeSettings, finished_latency
 
 PARITY_TOLERANCE = 1e-6  # bitwise on CPU with the same threads in practice; this bounds anything else
-
-
-def _done(out: Path, settings: TimeSettings, shas: dict[str, str]) -> dict | None:
-    res = read_if_valid(out / LATENCY_CPP_FILE, "latency")
-    if res is None:
-        return None
-    same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == shas
-    return res if same and res.get("status") == "complete" else None
 
 
 def time_config_cpp(
@@ -48,7 +40,7 @@ def time_config_cpp(
     if not variants:
         raise CheckpointError(f"{cfg.id}: no exported model in {out}; run 'capsbench export' first")
     shas = {v.name: sha256(out / v.onnx) for v in variants}
-    if not force and (done := _done(out, settings, shas)) is not None:
+    if not force and (done := finished_latency(out / LATENCY_CPP_FILE, settings, shas)) is not None:
         return {**done, "skipped": True}
     binary = build_runner()
     threads = settings.threads or default_threads()
@@ -114,7 +106,9 @@ def time_config_cpp(
 def done(ctx: Context) -> bool:
     out, s = ctx.out, ctx.settings
     shas = {v.name: sha256(out / v.onnx) for v in exported_variants(out)}
-    return not s.force and _done(out, s.time or TimeSettings(), shas) is not None
+    return (
+        not s.force and finished_latency(out / LATENCY_CPP_FILE, s.time or TimeSettings(), shas) is not None
+    )
 
 
 def run(ctx: Context) -> dict:

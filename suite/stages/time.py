@@ -46,8 +46,9 @@ class TimeSettings:
         return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
 
 
-def _time_done(out: Path, settings: TimeSettings, onnx_shas: dict[str, str]) -> dict | None:
-    res = read_if_valid(out / LATENCY_FILE, "latency")
+def finished_latency(path: Path, settings: TimeSettings, onnx_shas: dict[str, str]) -> dict | None:
+    """A complete latency result (Python's or the C++ runner's) of these settings and these ONNX files."""
+    res = read_if_valid(path, "latency")
     if res is None:
         return None
     same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == onnx_shas
@@ -81,7 +82,7 @@ def time_config(
                 f"{out / v.onnx}: exported from an older {v.checkpoint}; run 'capsbench export' again first"
             )
     shas = {v.name: sha256(out / v.onnx) for v in variants}
-    if not force and (done := _time_done(out, settings, shas)) is not None:
+    if not force and (done := finished_latency(out / LATENCY_FILE, settings, shas)) is not None:
         return {**done, "skipped": True}
 
     threads = settings.threads or default_threads()
@@ -179,7 +180,10 @@ def _shas(out: Path) -> dict[str, str]:
 
 def done(ctx: Context) -> bool:
     s = ctx.settings
-    return not s.force and _time_done(ctx.out, s.time or TimeSettings(), _shas(ctx.out)) is not None
+    return (
+        not s.force
+        and finished_latency(ctx.out / LATENCY_FILE, s.time or TimeSettings(), _shas(ctx.out)) is not None
+    )
 
 
 def run(ctx: Context) -> dict:
