@@ -14,7 +14,7 @@ def _info(benchmark, bench, backend: str, batch: int, **extra) -> None:
 
 def test_ort(benchmark, bench, batch):
     run, sync = bench.session.runner(take_batch(bench.images, batch))
-    _info(benchmark, bench, f"ort_{'cuda' if bench.session.on_cuda else 'cpu'}", batch, **bench.session.info)
+    _info(benchmark, bench, f"ort_{bench.session.execution_provider.name}", batch, **bench.session.info)
     benchmark(run if sync is None else (lambda: (run(), sync())))
 
 

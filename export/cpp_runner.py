@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from capsbench.export.errors import ExportError
+from capsbench.export.sessions import EXECUTION_PROVIDERS
 from capsbench.files import atomic_write
 
 CPP_DIR = Path(__file__).resolve().parent / "cpp"
@@ -324,7 +325,8 @@ def run_runner(
             cmd += ["--input", str(input)]
         if output is not None:
             cmd += ["--output", str(output)]
-        if io_binding if io_binding is not None else provider == "cuda":
+        ep = next((e for e in EXECUTION_PROVIDERS.values() if e.runner_flag == provider), None)
+        if io_binding if io_binding is not None else (ep is not None and ep.iobinding):
             cmd.append("--io-binding")
         if cuda_graph:
             cmd.append("--cuda-graph")
