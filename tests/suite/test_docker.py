@@ -96,6 +96,11 @@ def stop_daemon(proc: subprocess.Popen, timeout: float = 30) -> None:
 # ------------------------------------------------------------------------------------------- without a daemon
 
 
+def test_the_build_context_is_this_checkout_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no Dockerfile here: found from the installed package's location
+    assert dk.source_root() == REPO
+
+
 def test_image_requirements_swap_onnxruntime_gpu_for_the_chosen_runtime():
     reqs = dk.image_requirements(REPO, torch="torch==2.13.0", ort="onnxruntime")
     assert reqs[0] == "torch==2.13.0" and "onnxruntime" in reqs

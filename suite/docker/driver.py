@@ -1,8 +1,5 @@
-"""Docker for capsbench through the `docker` SDK: build the image (progress streamed) and run the suite in it.
-
-Also what an offline build needs (CI has no image registry and no HTTPS to PyPI inside containers): local base
-images made with debootstrap, a wheelhouse filled by the host's pip, ONNX Runtime's headers, a private daemon.
-"""
+"""Docker for capsbench through the `docker` SDK: local base images made with debootstrap, the image built from
+what prep.py prepared (progress streamed), and the suite run in it."""
 
 from __future__ import annotations
 
@@ -14,50 +11,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from capsbench.suite.docker.prep import (
+    BASE_PACKAGES,
+    BUILDER_PACKAGES,
+    CACHE,
+    DEBIAN_MIRROR,
+    DEBIAN_SUITE,
+    DEFAULT_TAG,
+    LOCAL_BASE,
+    LOCAL_BUILDER,
+    NETWORKS,
+    ORT_GPU,
+    ORT_HEADERS,
+    TORCH,
+    WHEELS,
+    BuildFailed,
+    DaemonUnavailable,
+    DockerError,
+    ImageMissing,
+    Log,
+    image_requirements,
+    prepare_ort_headers,
+    prepare_wheelhouse,
+    source_root,
+)
 from capsbench.suite.env import git_commit
 from capsbench.suite.errors import CapsbenchError
-
-DEFAULT_TAG = "capsbench"
-# Local images made with debootstrap (Debian 12, Python 3.11 like the project's machines): the runtime base,
-# and the builder with cmake and g++ for the C++ runner. Same suite, so the same python3 in both.
-DEBIAN_SUITE = "bookworm"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-LOCAL_BASE = f"capsbench-base:{DEBIAN_SUITE}"
-LOCAL_BUILDER = f"capsbench-base-build:{DEBIAN_SUITE}"
-BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
-BUILDER_PACKAGES = (*BASE_PACKAGES, "cmake", "g++", "make")
-# Inside the build context (the checkout; build/ is git-ignored, .dockerignore lets build/docker/ through).
-EXTRAS = Path("build") / "docker"
-WHEELS = EXTRAS / "wheels"
-ORT_HEADERS = EXTRAS / "onnxruntime-include"
-# Defaults of the Dockerfile's TORCH and ORT build arguments.
-TORCH = "torch==2.13.0"
-ORT_GPU = "onnxruntime-gpu>=1.22,<1.33"
-# What the private daemon of CI and the tests keeps between runs on one machine (images, build cache, .debs).
-CACHE = Path(os.environ.get("CAPSBENCH_DOCKER_CACHE", "/var/tmp/capsbench-docker"))
-NETWORKS = ("none", "host")  # never the default bridge network
-
-Log = Callable[[str], None]
-
-
-class DockerError(CapsbenchError):
-    """Docker is missing, unreachable, or a build or run failed."""
-
-
-class DaemonUnavailable(DockerError):
-    """No Docker daemon answers."""
-
-
-class ImageMissing(DockerError):
-    """The image to run (or build on) does not exist."""
-
-
-class BuildFailed(DockerError):
-    """`docker build` stopped with an error."""
-
 
 # ------------------------------------------------------------------------------------------------ the daemon
 
@@ -106,35 +88,6 @@ def gpu_requests(gpus: str) -> list:
 # ---------------------------------------------------------------------------------------- what a build needs
 
 
-def source_root(context: str | Path | None = None) -> Path:
-    """The checkout holding the Dockerfile: `context`, else the one this package was installed from (editable
-    installs), else the current folder."""
-    candidates = [Path(context)] if context else [Path(__file__).resolve().parent.parent, Path.cwd()]
-    for root in candidates:
-        if (root / "Dockerfile").is_file() and (root / "pyproject.toml").is_file():
-            return root.absolute()
-    raise DockerError(
-        f"no Dockerfile in {' or '.join(map(str, candidates))}: building the image needs a source checkout of "
-        "capsbench; run from one or pass --context DIR"
-    )
-
-
-def image_requirements(root: Path, torch: str = TORCH, ort: str = ORT_GPU) -> list[str]:
-    """What the Dockerfile installs: torch, pyproject's dependencies with onnxruntime-gpu replaced by `ort`,
-    and setuptools (to build the package without build isolation). Mirrors the Dockerfile's RUN."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the installed package's metadata says the same
-        from importlib.metadata import requires
-
-        deps = [r for r in requires("capsbench") or [] if "extra ==" not in r]
-    else:
-        with open(root / "pyproject.toml", "rb") as f:
-            deps = tomllib.load(f)["project"]["dependencies"]
-    keep = [d for d in deps if not d.startswith(("onnxruntime", "torch"))]
-    return [torch, *keep, ort, "setuptools>=68"]
-
-
 def image_python(c, image: str) -> str | None:
     """'3.11' for an image whose python3 is 3.11; None when it has none."""
     import docker
@@ -152,55 +105,6 @@ def image_python(c, image: str) -> str | None:
     except docker.errors.DockerException:
         return None
     return out.decode().strip() or None
-
-
-def prepare_wheelhouse(
-    dest: Path, requirements: Sequence[str], python_version: str | None = None, log: Log = print
-) -> Path:
-    """Download wheels for `requirements` (dependencies included) into `dest` with this host's pip.
-
-    Binary wheels only, for `python_version` (the image's; default this interpreter's). On the project's
-    machines `torch==2.13.0` resolves to the CPU wheel on disk. Files already there are kept.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    version = python_version or "{}.{}".format(*sys.version_info[:2])
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest)]
-    cmd += ["--only-binary=:all:", "--python-version", version, *requirements]
-    log(f"wheelhouse: pip download for Python {version} into {dest}")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        errors = [line for line in res.stderr.splitlines() if "is ignored" not in line]
-        raise DockerError(
-            "pip download for the wheelhouse failed:\n"
-            + "\n".join(errors[-8:])
-            + "\n(PyPI must be reachable "
-            "from this host, or pass --wheelhouse DIR with the wheels already there)"
-        )
-    return dest
-
-
-def prepare_ort_headers(dest: Path, log: Log = print) -> Path:
-    """ONNX Runtime's C/C++ headers for the runner, copied (not linked) into `dest` inside the build context.
-
-    From export/cpp/provision_ort.sh (Debian trixie's libonnxruntime-dev, fetched on this host with apt-get
-    download), since no registry is reachable during an offline build.
-    """
-    from capsbench.export.cpp_runner import provision_ort
-
-    include = provision_ort() / "include"
-    if not (include / "onnxruntime_cxx_api.h").is_file():
-        raise DockerError(f"{include} holds no onnxruntime_cxx_api.h; rerun export/cpp/provision_ort.sh")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # unique: no two builds collide
-    try:
-        shutil.copytree(include, tmp, symlinks=False, dirs_exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"ONNX Runtime headers: {include} -> {dest}")
-    return dest
 
 
 def image_exists(c, tag: str) -> bool:

@@ -1,0 +1,58 @@
+"""Docker for capsbench: prep.py readies an offline build on the host, driver.py talks to the daemon through the
+`docker` SDK (base images, build, run). The private dockerd the tests may start lives in tests/suite/test_docker.py."""
+
+from capsbench.suite.docker.driver import (
+    build_image,
+    client,
+    docker_errors,
+    ensure_base_image,
+    gpu_requests,
+    host_has_gpu,
+    image_exists,
+    image_python,
+    run_container,
+)
+from capsbench.suite.docker.prep import (
+    CACHE,
+    DEFAULT_TAG,
+    LOCAL_BASE,
+    LOCAL_BUILDER,
+    NETWORKS,
+    ORT_GPU,
+    TORCH,
+    BuildFailed,
+    DaemonUnavailable,
+    DockerError,
+    ImageMissing,
+    image_requirements,
+    prepare_ort_headers,
+    prepare_wheelhouse,
+    source_root,
+)
+
+__all__ = [
+    "CACHE",
+    "DEFAULT_TAG",
+    "LOCAL_BASE",
+    "LOCAL_BUILDER",
+    "NETWORKS",
+    "ORT_GPU",
+    "TORCH",
+    "BuildFailed",
+    "DaemonUnavailable",
+    "DockerError",
+    "ImageMissing",
+    "build_image",
+    "client",
+    "docker_errors",
+    "ensure_base_image",
+    "gpu_requests",
+    "host_has_gpu",
+    "image_exists",
+    "image_python",
+    "image_requirements",
+    "prepare_ort_headers",
+    "prepare_wheelhouse",
+    "run_container",
+    "source_root",
+]
