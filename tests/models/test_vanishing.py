@@ -139,3 +139,29 @@ def test_every_preset_architecture_learns(name, fashion_train, fashion_test):
     net, losses = _train(ARCHS[name], x, y, steps=80, batch=64)
     acc = _accuracy(net, *fashion_test)
     assert acc > 0.4, f"{name}: test accuracy {acc:.3f} after 80 steps (chance 0.1)"
+
+
+@pytest.mark.slow
+def test_the_cliff_under_fan_in_init_inactive_capsules_on_the_deep_side_only(fashion_train, fashion_test):
+    """scripts/measure_cliff.py found the cliff of the fan_in init (16 x 8 capsules) between depth 2 and 3
+    after one epoch on 6000 images: a reduced version (one depth each side, 60 steps) must show inactive
+    capsules (mean and std of length < 0.01) in the deep net's last layers and none in the shallow net's."""
+    from capsbench.models.health import capsule_health
+
+    x, y = fashion_train
+    xt, _ = fashion_test
+    fractions = {}
+    for depth in (1, 4):
+        cfg = CapsNetConfig(
+            backbone_channels=(16, 32, 64),
+            primary_types=8,
+            primary_dim=8,
+            intermediate=((16, 8),) * depth,
+            caps_init="fan_in",
+        )
+        net, losses = _train(cfg, x, y, steps=60, batch=64)
+        assert all(math.isfinite(v) for v in losses)
+        health = capsule_health(net, [xt[:500]])
+        fractions[depth] = [layer["inactive_fraction"] for layer in health["layers"][1:]]
+    assert fractions[1] == [0.0, 0.0], fractions
+    assert fractions[4][-1] == 1.0 and fractions[4][-2] == 1.0, fractions
