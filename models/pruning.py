@@ -315,9 +315,12 @@ def prune_capsnet(
 
     reinit_caps_layers: the routed layers keep the fresh initialisation of the new net (drawn from torch's
     global RNG) instead of the surviving weights, as the paper's code does after pruning PrimaryCaps.
-    intermediate_ratio (needs scores "intermediate{k}"): also remove that share of every intermediate layer's
-    capsules (its weight columns, the next layer's rows). NOT output-preserving even for dead capsules:
-    routing's softmax runs over the parents, so removing a parent re-distributes every child's coupling.
+    intermediate_ratio (needs scores "intermediate{k}", from `score_capsnet(..., capsules=True,
+    capsule_criterion=...)`): also remove that share of every intermediate layer's capsules, its own ratio:
+    capsule j of layer l loses its transformation weights in layer l (weight columns) and its input slot in
+    layer l+1 (weight rows). For a capsule whose pose is always 0 layer l+1 and everything after it compute
+    exactly what they did from the surviving capsules; layer l itself does not: routing's softmax runs over the
+    parents, so removing a parent re-distributes every child's coupling among the others.
     """
     cfg = model.cfg
     blocks = backbone_blocks(model)

@@ -274,6 +274,26 @@ def test_ccm_gradients_flow_unless_detached():
     assert not detached.requires_grad
 
 
+def test_ccm_blocks_cover_the_primary_caps_conv_output_as_the_papers_code(fashion_test_images):
+    """ccm_blocks adds the PrimaryCaps conv (types*dim channels, pre-squash) to the backbone blocks: the CCM
+    term then has a gradient on the PrimaryCaps conv weights; over the backbone alone it has none there."""
+    from capsbench.models.pruning import ccm_blocks
+
+    x, _ = fashion_test_images
+    net = _lively(SMALL).train()
+    assert [n for n, _ in ccm_blocks(net)] == ["backbone.0", "backbone.1", "backbone.2", "primary"]
+    assert [n for n, _ in ccm_blocks(net, primary=False)] == [n for n, _ in backbone_blocks(net)]
+    for primary in (True, False):
+        net.zero_grad()
+        with FeatureMaps(ccm_blocks(net, primary), detach=False) as rec:
+            net(x[:16])
+            maps = list(rec.maps.values())
+        assert maps[-1].shape[1] == (64 if primary else 32)
+        ccm_loss(maps).backward()
+        grad = net.primary.conv.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == primary
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
