@@ -5,7 +5,7 @@ Nothing here knows about ONNX, datasets on disk or reports.
 
 from capsbench.models.capsnet import CapsNet, build_capsnet
 from capsbench.models.config import BACKBONES, CapsNetConfig
-from capsbench.models.layers import CapsLayer, PrimaryCaps, dynamic_routing, squash
+from capsbench.models.layers import CapsLayer, PrimaryCaps, capsule_length, dynamic_routing, squash
 from capsbench.models.losses import margin_loss, reconstruction_loss
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "CapsNetConfig",
     "PrimaryCaps",
     "build_capsnet",
+    "capsule_length",
     "dynamic_routing",
     "margin_loss",
     "reconstruction_loss",

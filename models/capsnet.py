@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from capsbench.models.config import CapsNetConfig
-from capsbench.models.layers import CapsLayer, PrimaryCaps
+from capsbench.models.layers import CapsLayer, PrimaryCaps, capsule_length
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
@@ -55,7 +55,7 @@ class Decoder(nn.Module):
     def forward(self, v: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct from the true class's capsule (training) or the longest one (inference)."""
         if labels is None:
-            labels = v.norm(dim=-1).argmax(dim=1)
+            labels = capsule_length(v).argmax(dim=1)
         mask = nn.functional.one_hot(labels, v.shape[1]).to(v.dtype)  # (batch, classes)
         return self.net((v * mask.unsqueeze(-1)).flatten(1)).view(-1, *self.out_shape)
 
@@ -73,7 +73,7 @@ class CapsNet(nn.Module):
         self.backbone, self.primary = build_backbone(cfg)
         shapes = cfg.caps_shapes
         self.caps_layers = nn.ModuleList(
-            CapsLayer(n_in, d_in, n_out, d_out, cfg.routing_iters)
+            CapsLayer(n_in, d_in, n_out, d_out, cfg.routing_iters, cfg.caps_init)
             for (n_in, d_in), (n_out, d_out) in zip(shapes[:-1], shapes[1:], strict=True)
         )
         out_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -91,8 +91,8 @@ class CapsNet(nn.Module):
 
     @staticmethod
     def lengths(v: torch.Tensor) -> torch.Tensor:
-        """Capsule lengths (batch, caps): the class scores of a CapsNet."""
-        return torch.sqrt((v * v).sum(dim=-1))
+        """Capsule lengths (batch, caps): the class scores of a CapsNet (finite gradient at vanished capsules)."""
+        return capsule_length(v)
 
     def capsule_modules(self) -> list[tuple[str, nn.Module]]:
         """(layer name, module) of every capsule layer in forward order, for the health probes."""

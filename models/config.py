@@ -13,6 +13,15 @@ from typing import Any
 
 BACKBONES = ("sahu", "sabour")
 PRIMARY_LAYOUTS = ("sabour", "flat")
+# Initial scale of the routed capsule layers' transformation weights (see capsbench.models.layers.caps_init_std).
+CAPS_INITS = ("authors", "fan_in", "coupled")
+# "fixed": the backbone's default channels (sahu 48/96/192, sabour 256); "follow_p": they follow
+# P = primary_types x primary_dim as in the paper's code (sahu P/4, P/2, P; sabour P).
+BACKBONE_WIDTHS = ("fixed", "follow_p")
+# Fields added after the first results were written, with the value that reproduces the behaviour before they
+# existed. `to_dict` leaves a field out while it holds that value, so the ids of earlier configs stay valid, and
+# `from_dict` reads a missing field as that value (an old result means the old network), not as the default.
+LEGACY_VALUES: dict[str, Any] = {"caps_init": "fan_in", "backbone_width": "fixed"}
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:
@@ -45,6 +54,11 @@ class CapsNetConfig:
     # permute, so a capsule is `dim` neighbouring values of one channel.
     primary_layout: str = "sabour"
     decoder: bool = False
+    # Init of the routed capsule layers: "coupled" keeps the pre-squash length of s_j ~O(1) at init for any number
+    # of input capsules (the default, chosen from scripts/measure_cliff.py); "fan_in" N(0, 1/d_in) was the
+    # scheme before; "authors" N(0, 0.1^2) as the paper's code. See capsbench.models.layers.caps_init_std.
+    caps_init: str = "coupled"
+    backbone_width: str = "fixed"
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON) but store tuples so the config stays hashable and frozen.
@@ -56,6 +70,12 @@ class CapsNetConfig:
             raise ValueError(
                 f"unknown primary_layout {self.primary_layout!r}; choose one of {PRIMARY_LAYOUTS}"
             )
+        if self.caps_init not in CAPS_INITS:
+            raise ValueError(f"unknown caps_init {self.caps_init!r}; choose one of {', '.join(CAPS_INITS)}")
+        if self.backbone_width not in BACKBONE_WIDTHS:
+            raise ValueError(
+                f"unknown backbone_width {self.backbone_width!r}; choose one of {', '.join(BACKBONE_WIDTHS)}"
+            )
         if self.routing_iters < 1:
             raise ValueError("routing_iters must be >= 1")
         if len(self.conv_channels) != len(self.default_channels()):
@@ -65,6 +85,10 @@ class CapsNetConfig:
             )
 
     def default_channels(self) -> tuple[int, ...]:
+        """The backbone's channels when `backbone_channels` is empty (see BACKBONE_WIDTHS)."""
+        if self.backbone_width == "follow_p":
+            p = self.primary_channels
+            return (max(p // 4, 1), max(p // 2, 1), p) if self.backbone == "sahu" else (p,)
         return (48, 96, 192) if self.backbone == "sahu" else (256,)
 
     @property
@@ -108,6 +132,9 @@ class CapsNetConfig:
         d = dataclasses.asdict(self)
         d["backbone_channels"] = list(self.backbone_channels)
         d["intermediate"] = [list(p) for p in self.intermediate]
+        for name, legacy in LEGACY_VALUES.items():
+            if d[name] == legacy:
+                del d[name]
         return d
 
     @classmethod
@@ -116,7 +143,7 @@ class CapsNetConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown CapsNetConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{**LEGACY_VALUES, **d})
 
     @property
     def id(self) -> str:

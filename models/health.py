@@ -6,6 +6,7 @@ threshold (Mitterreiter et al. 2023's dead-capsule rule, 0.01 by default); the m
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from capsbench.models.hooks import ForwardHooks
+from capsbench.models.layers import capsule_length
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 HIST_BINS = 50  # capsule lengths lie in [0, 1): 50 equal bins of width 0.02
@@ -26,7 +28,7 @@ class CapsuleProbe(ForwardHooks):
         self.lengths: dict[str, list[torch.Tensor]] = {name: [] for name, _ in modules}
 
     def record(self, name: str, output: torch.Tensor) -> None:
-        self.lengths[name].append(output.detach().norm(dim=-1).float().cpu())  # (batch, caps)
+        self.lengths[name].append(capsule_length(output.detach()).float().cpu())  # (batch, caps)
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Lengths per layer over everything seen: (samples, caps)."""
@@ -61,24 +63,54 @@ def layer_health(lengths: torch.Tensor, threshold: float = 0.01) -> dict:
     }
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Within: the model in eval mode except its BatchNorm layers, which normalise with the batch's statistics
+    as in training, while their running statistics (and num_batches_tracked) are left exactly as they were.
+    Dropout stays off. On exit the model's modes and buffers are restored."""
+    modes = {m: m.training for m in model.modules()}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in bns]
+    model.eval()
+    for m in bns:
+        m.train()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, bufs in zip(bns, saved, strict=True):
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
+        for m, mode in modes.items():
+            m.training = mode
+
+
 @torch.no_grad()
 def capsule_health(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
     threshold: float = 0.01,
     device: torch.device | str = "cpu",
+    *,
+    batch_stats: bool = False,
 ) -> dict:
     """Run `model` over `batches` of inputs and return per-layer health, in forward order.
 
     The model must offer `capsule_modules()` -> [(name, module)], each module outputting (batch, caps, dim).
+    `batch_stats`: BatchNorm normalises with each batch's statistics, as training sees the net (see
+    `batch_statistics`; running stats untouched, no dropout). Use it for an untrained net, whose running
+    statistics (0 and 1) make every capsule look dead in eval mode; use `init_health` for that.
     """
     was_training = model.training
-    model.eval()
     modules = model.capsule_modules()
+    ctx = batch_statistics(model) if batch_stats else contextlib.nullcontext()
     try:
-        with CapsuleProbe(modules) as probe:
-            for x in batches:
-                model(x.to(device))
+        with ctx:
+            if not batch_stats:
+                model.eval()
+            with CapsuleProbe(modules) as probe:
+                for x in batches:
+                    model(x.to(device))
     finally:
         model.train(was_training)
     lengths = probe.stacked()
@@ -97,4 +129,15 @@ def capsule_health(
         "routed_inactive": dead,
         "routed_capsules": total,
         "routed_inactive_fraction": dead / total if total else 0.0,
+        "batchnorm": "batch statistics" if batch_stats else "running statistics",
     }
+
+
+def init_health(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    threshold: float = 0.01,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Health of a net at initialisation as training sees it: `capsule_health` with batch statistics."""
+    return capsule_health(model, batches, threshold, device, batch_stats=True)

@@ -16,7 +16,10 @@ def margin_loss(
     m_neg: float = 0.1,
     lam: float = 0.5,
 ) -> torch.Tensor:
-    """Sum over classes of T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2, batch mean."""
+    """Sum over classes of T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2, batch mean.
+
+    `lengths` must come from `capsule_length` (e.g. `CapsNet.lengths`): finite gradients at vanished capsules.
+    """
     t = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)  # (batch, classes)
     pos = t * F.relu(m_pos - lengths).pow(2)
     neg = lam * (1.0 - t) * F.relu(lengths - m_neg).pow(2)

@@ -15,11 +15,19 @@ from torch import nn
 from capsbench.models.capsnet import CapsNet, build_capsnet
 from capsbench.models.config import CapsNetConfig
 from capsbench.models.hooks import ForwardHooks
+from capsbench.models.layers import capsule_length
 
 # "chip": per-image CHIP on post-ReLU maps, averaged (Sui et al. 2021); "chip-mean": CHIP of the
 # batch-averaged map (the paper's code); "l1": L1 norm of each filter (a data-free baseline).
 CRITERIA = ("chip", "chip-mean", "l1")
 CHIP_MODES = ("per_image", "batch_mean")
+# Scores of the intermediate (routed) capsules, for `prune_capsnet(..., intermediate_ratio=...)`:
+# "chip": CHIP on each image's (caps, dim) matrix of unit-normalised poses, averaged over images: a capsule whose
+# direction the others' span already holds scores low, however long it is; "weight_norm": the Frobenius norm of
+# its incoming transformation weights times that of its outgoing ones (data-free); "random": a seeded random
+# order (the control); "length": its mean length, which removes the dead capsules first, so "fewer inactive
+# capsules" follows by construction: kept only to reproduce earlier runs.
+CAPSULE_CRITERIA = ("chip", "weight_norm", "random", "length")
 # Elements of the batched (matrices, k, k) Gram tensor handed to one eigvalsh call: bounds memory (~128 MB).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -98,6 +106,37 @@ def l1_scores(conv_weight: torch.Tensor) -> torch.Tensor:
     return conv_weight.detach().abs().flatten(1).sum(dim=1)
 
 
+def capsule_chip_scores(poses: torch.Tensor) -> torch.Tensor:
+    """CHIP of capsules: poses (N, caps, dim) -> (caps,) mean over images of ‖A‖_* − ‖A without row j‖_*,
+    A the image's (caps, dim) matrix of unit-normalised poses (a zero pose stays zero and scores 0).
+
+    Normalising first makes the score independent of the lengths: a short capsule whose direction no other
+    capsule spans scores as high as a long one, so the order is not simply "dead first"."""
+    p = poses.detach().double()
+    n = capsule_length(p, keepdim=True)
+    unit = torch.where(n > 0, p / n.clamp_min(1e-300), torch.zeros_like(p))
+    return chip_scores(unit, "per_image")
+
+
+def capsule_scores_without_data(model: CapsNet, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """ "intermediate{k}" scores of the data-free capsule criteria: "weight_norm" (‖incoming W‖_F * ‖outgoing
+    W‖_F of each capsule) and "random" (uniform, from a generator seeded with `seed`)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, (layer, nxt) in enumerate(zip(model.caps_layers[:-1], model.caps_layers[1:], strict=True)):
+        if criterion == "random":
+            out[f"intermediate{k + 1}"] = torch.rand(layer.out_caps, generator=g, dtype=torch.float64)
+        elif criterion == "weight_norm":
+            w_in = layer.weight.detach().view(layer.in_caps, layer.in_dim, layer.out_caps, layer.out_dim)
+            w_out = nxt.weight.detach().view(nxt.in_caps, -1)
+            incoming = w_in.double().pow(2).sum(dim=(0, 1, 3)).sqrt()
+            outgoing = w_out.double().pow(2).sum(dim=1).sqrt()
+            out[f"intermediate{k + 1}"] = (incoming * outgoing).cpu()
+        else:
+            raise ValueError(f"capsule criterion {criterion!r} needs data")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- feature maps
 
 
@@ -123,6 +162,13 @@ class FeatureMaps(ForwardHooks):
 def backbone_blocks(model: CapsNet) -> list[tuple[str, nn.Module]]:
     """(name, block) of every backbone conv block: its output is the post-ReLU feature map."""
     return [(f"backbone.{i}", block) for i, block in enumerate(model.backbone)]
+
+
+def ccm_blocks(model: CapsNet, primary: bool = True) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs the CCM loss covers: every backbone block (post-ReLU) and, with `primary`
+    (as the paper's code, the default), the PrimaryCaps conv (pre-squash, types*dim channels). Hand them to
+    `FeatureMaps(..., detach=False)` and the maps to `capsbench.models.losses.ccm_loss`."""
+    return [*backbone_blocks(model), *([("primary", model.primary.conv)] if primary else [])]
 
 
 def _block_conv_bn(block: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
@@ -170,20 +216,30 @@ def score_capsnet(
     criterion: str = "chip",
     *,
     capsules: bool = False,
+    capsule_criterion: str = "chip",
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Per-channel scores of every backbone conv ("backbone.i") and the PrimaryCaps conv ("primary").
 
     CHIP runs the model (eval mode) over `batches` with hooks on each backbone block (post-ReLU) and on the
     PrimaryCaps conv (pre-squash), accumulating as it goes so no maps are kept. With `capsules`, also
-    "intermediate{k}": the mean length of each intermediate capsule over the batches (for capsule pruning).
+    "intermediate{k}": one score per capsule of each intermediate layer by `capsule_criterion` (see
+    CAPSULE_CRITERIA; `seed` seeds "random"), for `prune_capsnet(..., intermediate_ratio=...)`.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")
+    if capsule_criterion not in CAPSULE_CRITERIA:
+        raise ValueError(
+            f"unknown capsule criterion {capsule_criterion!r}; choose one of {', '.join(CAPSULE_CRITERIA)}"
+        )
     blocks = [*backbone_blocks(model), ("primary", model.primary.conv)]
     caps = [(f"intermediate{k + 1}", layer) for k, layer in enumerate(model.caps_layers[:-1])]
     scores: dict[str, torch.Tensor] = {}
+    if capsules and capsule_criterion in ("weight_norm", "random"):
+        scores.update(capsule_scores_without_data(model, capsule_criterion, seed))
+        capsules = False
     if criterion == "l1":
-        scores = {name: l1_scores(_block_conv_bn(m)[0].weight).cpu() for name, m in blocks}
+        scores.update({name: l1_scores(_block_conv_bn(m)[0].weight).cpu() for name, m in blocks})
         if not capsules:
             return scores
     watch = ([] if criterion == "l1" else blocks) + (caps if capsules else [])
@@ -198,8 +254,10 @@ def score_capsnet(
             for x in batches:
                 model(x)
                 for name, fmap in rec.maps.items():
-                    if name.startswith("intermediate"):
-                        part = fmap.norm(dim=-1).double().sum(dim=0)  # (caps,) summed lengths
+                    if name.startswith("intermediate") and capsule_criterion == "length":
+                        part = capsule_length(fmap).double().sum(dim=0)  # (caps,) summed lengths
+                    elif name.startswith("intermediate"):
+                        part = capsule_chip_scores(fmap) * len(fmap)
                     elif criterion == "chip":
                         part = chip_scores(fmap, "per_image") * len(fmap)
                     else:  # chip-mean: sum the maps now, score the mean once at the end
@@ -257,9 +315,12 @@ def prune_capsnet(
 
     reinit_caps_layers: the routed layers keep the fresh initialisation of the new net (drawn from torch's
     global RNG) instead of the surviving weights, as the paper's code does after pruning PrimaryCaps.
-    intermediate_ratio (needs scores "intermediate{k}"): also remove that share of every intermediate layer's
-    capsules (its weight columns, the next layer's rows). NOT output-preserving even for dead capsules:
-    routing's softmax runs over the parents, so removing a parent re-distributes every child's coupling.
+    intermediate_ratio (needs scores "intermediate{k}", from `score_capsnet(..., capsules=True,
+    capsule_criterion=...)`): also remove that share of every intermediate layer's capsules, its own ratio:
+    capsule j of layer l loses its transformation weights in layer l (weight columns) and its input slot in
+    layer l+1 (weight rows). For a capsule whose pose is always 0 layer l+1 and everything after it compute
+    exactly what they did from the surviving capsules; layer l itself does not: routing's softmax runs over the
+    parents, so removing a parent re-distributes every child's coupling among the others.
     """
     cfg = model.cfg
     blocks = backbone_blocks(model)
@@ -339,6 +400,8 @@ def prune_capsnet(
         primary_types=cfg.primary_types - types_removed,
         intermediate=tuple((len(kept), d) for kept, (_, d) in zip(inter_kept, cfg.intermediate, strict=True)),
     )
+    if new_cfg.conv_channels != channels:  # a default that follows P moved with the pruned PrimaryCaps
+        new_cfg = dataclasses.replace(new_cfg, backbone_channels=channels)
     device = next(model.parameters()).device
     new = build_capsnet(new_cfg).to(device)
     with torch.no_grad():

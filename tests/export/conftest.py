@@ -16,7 +16,10 @@ from capsbench.export import export_onnx
 from capsbench.models import CapsNet, CapsNetConfig, build_capsnet, margin_loss
 from capsbench.suite import data
 
-SMALL = dict(backbone="sahu", backbone_channels=(8, 16, 32), primary_types=8, primary_dim=8)
+# caps_init pinned to the scheme these parity tolerances were set with (the models' default is now "coupled").
+SMALL = dict(
+    backbone="sahu", backbone_channels=(8, 16, 32), primary_types=8, primary_dim=8, caps_init="fan_in"
+)
 CONFIGS = {
     "shallow": CapsNetConfig(**SMALL),
     "deep": CapsNetConfig(**SMALL, intermediate=((8, 8),) * 3),

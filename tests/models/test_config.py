@@ -54,3 +54,33 @@ def test_bad_config_says_what_is_wrong(kwargs, message):
 def test_unknown_field_in_json_is_refused():
     with pytest.raises(ValueError, match="unknown CapsNetConfig fields"):
         CapsNetConfig.from_dict({"backbone": "sahu", "capsules": 3})
+
+
+def test_fields_added_later_keep_the_ids_of_older_configs_and_read_old_json_as_the_old_network():
+    """A config written before caps_init/backbone_width existed has neither key: it reads back as fan_in and
+    fixed width (what built it), and a config holding those values still has its old id."""
+    old = CapsNetConfig(caps_init="fan_in", backbone_width="fixed")
+    d = old.to_dict()
+    assert "caps_init" not in d and "backbone_width" not in d
+    assert CapsNetConfig.from_dict(d) == old
+    new = CapsNetConfig()
+    assert new.caps_init == "coupled" and new.to_dict()["caps_init"] == "coupled"
+    assert CapsNetConfig.from_dict(new.to_dict()) == new and new.id != old.id
+
+
+def test_backbone_width_follows_p_like_the_papers_code():
+    assert CapsNetConfig(primary_types=16, primary_dim=12).conv_channels == (48, 96, 192)
+    assert CapsNetConfig(primary_types=8, primary_dim=8).conv_channels == (48, 96, 192)
+    follow = CapsNetConfig(primary_types=8, primary_dim=8, backbone_width="follow_p")
+    assert follow.conv_channels == (16, 32, 64)
+    assert CapsNetConfig(primary_types=8, primary_dim=16, backbone_width="follow_p").conv_channels == (
+        32,
+        64,
+        128,
+    )
+    sab = CapsNetConfig(backbone="sabour", primary_types=32, primary_dim=8, backbone_width="follow_p")
+    assert sab.conv_channels == (256,)
+    with pytest.raises(ValueError, match="caps_init"):
+        CapsNetConfig(caps_init="xavier")
+    with pytest.raises(ValueError, match="backbone_width"):
+        CapsNetConfig(backbone_width="wide")

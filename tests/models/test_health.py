@@ -52,3 +52,30 @@ def test_probe_removes_its_hooks_and_restores_training_mode():
     capsule_health(net, [torch.rand(4, 1, 28, 28)])
     assert net.training
     assert not net.primary._forward_hooks and not net.caps_layers[0]._forward_hooks
+
+
+def test_init_health_uses_batch_statistics_and_leaves_the_net_as_it_was():
+    """Untrained BatchNorm running stats (0, 1) shrink the backbone in eval mode: at init the primary capsules
+    look near-dead there, not with batch statistics. The running stats, counters and modes stay untouched."""
+    from capsbench.models.health import init_health
+
+    torch.manual_seed(0)
+    net = build_capsnet(CapsNetConfig(backbone_channels=(8, 16, 32), primary_types=4, primary_dim=8))
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = [torch.rand(32, 1, 28, 28), torch.rand(32, 1, 28, 28)]
+    train_view = init_health(net, x)
+    eval_view = capsule_health(net, x)
+    assert net.training and all(m.training for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    prim_train = train_view["layers"][0]["mean_length"]
+    prim_eval = eval_view["layers"][0]["mean_length"]
+    assert train_view["batchnorm"] == "batch statistics" and eval_view["batchnorm"] == "running statistics"
+    assert prim_train > 2 * prim_eval, (prim_train, prim_eval)
+    # Batch statistics are exactly what a training-mode forward computes (no dropout in the net).
+    with torch.no_grad():
+        probe_len = net.primary(net.features(x[0])).norm(dim=-1).mean().item()
+    net.load_state_dict(before)
+    one = init_health(net, [x[0]])["layers"][0]["mean_length"]
+    assert abs(one - probe_len) < 1e-5

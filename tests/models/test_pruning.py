@@ -27,8 +27,13 @@ from capsbench.suite.checkpoints import save_torch
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.train import load_model, model_from_state
 
+# fan_in: the scale `_lively` was tuned for (the surgery tests compare outputs at float32 tolerances).
 SMALL = CapsNetConfig(
-    backbone_channels=(8, 16, 32), primary_types=8, primary_dim=8, intermediate=((6, 6),) * 2
+    backbone_channels=(8, 16, 32),
+    primary_types=8,
+    primary_dim=8,
+    intermediate=((6, 6),) * 2,
+    caps_init="fan_in",
 )
 
 
@@ -269,6 +274,26 @@ def test_ccm_gradients_flow_unless_detached():
     assert not detached.requires_grad
 
 
+def test_ccm_blocks_cover_the_primary_caps_conv_output_as_the_papers_code(fashion_test_images):
+    """ccm_blocks adds the PrimaryCaps conv (types*dim channels, pre-squash) to the backbone blocks: the CCM
+    term then has a gradient on the PrimaryCaps conv weights; over the backbone alone it has none there."""
+    from capsbench.models.pruning import ccm_blocks
+
+    x, _ = fashion_test_images
+    net = _lively(SMALL).train()
+    assert [n for n, _ in ccm_blocks(net)] == ["backbone.0", "backbone.1", "backbone.2", "primary"]
+    assert [n for n, _ in ccm_blocks(net, primary=False)] == [n for n, _ in backbone_blocks(net)]
+    for primary in (True, False):
+        net.zero_grad()
+        with FeatureMaps(ccm_blocks(net, primary), detach=False) as rec:
+            net(x[:16])
+            maps = list(rec.maps.values())
+        assert maps[-1].shape[1] == (64 if primary else 32)
+        ccm_loss(maps).backward()
+        grad = net.primary.conv.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == primary
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -305,3 +330,77 @@ def test_pruned_deep_net_trains_saves_reloads_and_passes_health(tmp_path, fashio
     assert model_from_state(torch.load(path, weights_only=False), SMALL).cfg == pruned.cfg
     health = capsule_health(reloaded, [x[:64], x[64:128]])
     assert [layer["num_capsules"] for layer in health["layers"]] == [6 * 36, 6, 6, 10]
+
+
+# ---------------------------------------------------------------------------------------------- capsule layers
+
+
+def test_removing_a_capsule_that_is_always_zero_changes_no_output_of_the_next_layer(fashion_test_images):
+    """Capsule 2 of intermediate1 has zero incoming weights, so its pose is 0 on every image. Surgery drops its
+    weight columns in layer 1 and its input slot in layer 2: layer 2 and everything after it compute exactly
+    what they computed before from the surviving capsules. (Layer 1 itself re-normalises its couplings over
+    one parent fewer, softmax over parents; that change is the point of pruning, not a surgery error.)"""
+    x, _ = fashion_test_images
+    cfg = dataclasses.replace(SMALL, intermediate=((6, 6),))  # the ratio applies to every intermediate layer
+    net = _lively(cfg)
+    with torch.no_grad():
+        w = net.caps_layers[0].weight.view(288, 8, 6, 6)
+        w[:, :, 2].zero_()
+    scores = score_capsnet(net, [x[:32]], "chip", capsules=True)
+    assert int(scores["intermediate1"].argmin()) == 2  # a zero pose has CHIP score 0
+    pruned, plan = prune_capsnet(net, 0.0, 0.0, scores, intermediate_ratio=0.1)  # int(6 * 0.1) = 0
+    assert pruned.cfg.intermediate == cfg.intermediate
+    pruned, plan = prune_capsnet(net, 0.0, 0.0, scores, intermediate_ratio=0.2)  # one of 6
+    assert {la["name"]: la for la in plan["layers"]}["intermediate1"]["removed"] == [2]
+    with torch.no_grad():
+        u1 = net.caps_layers[0](net.primary(net.features(x)))  # (N, 6, 6)
+        assert torch.count_nonzero(u1[:, 2]) == 0
+        keep = [0, 1, 3, 4, 5]
+        after_old = net.caps_layers[1](u1)
+        after_new = pruned.caps_layers[1](u1[:, keep])
+    assert after_old.abs().max() > 0.05  # not trivially equal
+    torch.testing.assert_close(after_new, after_old, rtol=0, atol=1e-6)
+    # The parameters fall as counted by hand: layer 1 loses 288 inputs x 8 dims x 6 dims of capsule 2's
+    # columns; the class layer loses capsule 2's row of 6 dims x (10 classes x 16 dims).
+    assert plan["parameters_before"] - plan["parameters_after"] == 288 * 8 * 6 + 6 * 10 * 16
+    assert net.num_parameters() - pruned.num_parameters() == 14784
+
+
+def test_capsule_scores_do_not_simply_rank_by_length(fashion_test_images):
+    """CHIP on unit-normalised poses is blind to length: scaling one capsule's incoming weights (its length,
+    not its direction) leaves its CHIP score; the 'length' criterion moves it. Random and weight_norm give
+    one finite score per capsule, random reproducibly per seed."""
+    x, _ = fashion_test_images
+    net = _lively(SMALL)
+    base = score_capsnet(net, [x[:32]], "l1", capsules=True)["intermediate1"]
+    base_len = score_capsnet(net, [x[:32]], "l1", capsules=True, capsule_criterion="length")["intermediate1"]
+    with torch.no_grad():
+        net.caps_layers[0].weight.view(288, 8, 6, 6)[:, :, 3].mul_(0.2)
+    lens = score_capsnet(net, [x[:32]], "l1", capsules=True, capsule_criterion="length")["intermediate1"]
+    assert lens[3] < 0.9 * base_len[3]
+    # The other capsules' poses change too (routing is shared), so compare capsule 3's rank, not its value.
+    moved = score_capsnet(net, [x[:32]], "l1", capsules=True)["intermediate1"]
+    assert torch.isfinite(moved).all() and (moved > 0).all() and base.shape == (6,)
+    r1 = score_capsnet(net, None, "l1", capsules=True, capsule_criterion="random", seed=1)
+    r1b = score_capsnet(net, None, "l1", capsules=True, capsule_criterion="random", seed=1)
+    r2 = score_capsnet(net, None, "l1", capsules=True, capsule_criterion="random", seed=2)
+    assert torch.equal(r1["intermediate2"], r1b["intermediate2"])
+    assert not torch.equal(r1["intermediate1"], r2["intermediate1"])
+    wn = score_capsnet(net, None, "l1", capsules=True, capsule_criterion="weight_norm")["intermediate1"]
+    w_in = net.caps_layers[0].weight.view(288, 8, 6, 6)[:, :, 3].double().norm()
+    w_out = net.caps_layers[1].weight.view(6, -1)[3].double().norm()
+    assert wn[3].item() == pytest.approx((w_in * w_out).item())
+
+
+def test_pruning_primary_types_of_a_backbone_that_follows_p_keeps_the_surviving_widths(fashion_test_images):
+    """With backbone_width='follow_p' the default widths move with primary_types: the pruned config must write
+    the surviving widths out, not fall back to a default computed from the smaller P."""
+    x, _ = fashion_test_images
+    cfg = CapsNetConfig(primary_types=8, primary_dim=8, backbone_width="follow_p", intermediate=((6, 6),))
+    net = _lively(cfg)
+    scores = score_capsnet(net, [x[:16]], "l1")
+    pruned, _ = prune_capsnet(net, 0.0, 0.5, scores)
+    assert pruned.cfg.primary_types == 4 and pruned.cfg.conv_channels == (16, 32, 64)
+    assert [b[0].out_channels for b in pruned.backbone] == [16, 32, 64]
+    with torch.no_grad():
+        assert pruned(x[:4]).shape == (4, 10, 16)
