@@ -780,13 +780,14 @@ def claims(run: dict, configs: list[dict]) -> list[dict]:
                 )
                 had = sum(p["summary"]["routed_inactive"]["before"] > 0 for _, p in pruned)
                 why = f"{fewer} of {len(pruned)} pruned models have fewer inactive routed capsules ({had} had any)"
+                testable = had > 0  # no parent has an inactive capsule to lose
         out.append(
             {
                 "claim": text,
                 "verdict": "not testable" if not testable else "inconclusive",
                 "test": "none: no verdicts.json in this run"
                 + (f"; {min_seeds} seed(s) per config" if testable else ""),
-                "n": len(trained) if testable else None,
+                "n": None,  # no test ran: the numbers column gives each group's size
                 "effect": None,
                 "effect_name": "",
                 "interval": None,

@@ -207,7 +207,10 @@ def test_without_verdicts_no_claim_is_said_to_fail(run_copy):
     html = render_report(run_copy).read_text()
     claims = re.search(r'<section id="claims">.*?</section>', html, re.S).group(0)
     assert 'class="l did-not-hold"' not in claims and 'class="l held"' not in claims
-    assert claims.count('class="l inconclusive"') == 4  # the run has two depths and pruned models
+    # Two depths and pruned models: the run speaks to these, without a test ...
+    assert claims.count('class="l inconclusive"') == 3
+    # ... but no unpruned model has an inactive capsule, so "pruning leaves fewer" cannot be tested.
+    assert claims.count('class="l not-testable"') == 1
     assert "no verdicts.json" in claims
     assert "Caution: 1 seed(s) per configuration" in html
 
@@ -284,3 +287,24 @@ def test_controls_appear_beside_their_parent(run_copy):
     assert re.search(rf'<tr id="cfg-{d.name}">.*?<td class="pacc">(.*?)</td>', html, re.S).group(1) == (
         f"{100 * _json(src / 'prune.json')['summary']['test_accuracy']['after_finetune']:.2f}"
     )
+
+
+def test_configs_that_differ_only_by_seed_are_drawn_as_mean_and_spread(run_copy):
+    deep = next(d for d in _configs(run_copy) if _json(d / "config.json")["config"]["model"]["intermediate"])
+    twin = run_copy / "0000000000"
+    shutil.copytree(deep, twin)
+    config = _json(twin / "config.json")
+    config["config_id"], config["config"]["seed"] = twin.name, 1
+    config["label"] = config["label"].replace("| seed 0", "| seed 1")
+    (twin / "config.json").write_text(json.dumps(config))
+    metrics = _json(twin / "metrics.json")
+    metrics["test_accuracy"] = 0.8000
+    (twin / "metrics.json").write_text(json.dumps(metrics))
+    html = render_report(run_copy).read_text()
+    mean = (0.8000 + _json(deep / "metrics.json")["test_accuracy"]) / 2
+    assert f"{100 * mean:.2f}" in re.search(r"<h3>Mean ± std over seeds</h3>.*?</table>", html, re.S).group(0)
+    # The accuracy chart gets error bars, the depth profile a band, both in groups a test can find.
+    assert 'id="spread-accuracy-depth-a0-s' in html
+    assert 'id="spread-depth-profile-0-a0-s' in html
+    assert "Lines are the mean over 2 seeds" in html
+    assert "seeds" in html and ">0, 1<" in html
