@@ -308,3 +308,26 @@ def test_configs_that_differ_only_by_seed_are_drawn_as_mean_and_spread(run_copy)
     assert 'id="spread-depth-profile-0-a0-s' in html
     assert "Lines are the mean over 2 seeds" in html
     assert "seeds" in html and ">0, 1<" in html
+
+
+def test_a_train_only_run_renders_and_says_what_is_missing(run_copy):
+    """`capsbench train` alone leaves config, metrics and health: the page renders and names what is absent."""
+    for d in _configs(run_copy):
+        for path in sorted(d.rglob("*"), reverse=True):
+            if path.is_file() and path.name not in ("config.json", "metrics.json", "health.json"):
+                path.unlink()
+            elif path.is_dir():
+                path.rmdir()
+    html = render_report(run_copy).read_text()
+    assert "No pruning results in this run" in html and "No latency results in this run" in html
+    assert 'class="l missing">missing: latency.json<' in html
+    assert "no pipeline.json" in html
+    assert 'id="depth-profile-0"' in html and 'id="accuracy-depth"' in html
+
+
+def test_a_gpu_run_names_its_gpu_in_the_header(run_copy):
+    run = _json(run_copy / "run.json")
+    run["environment"].update(device="cuda:0", cuda_available=True, gpu="NVIDIA H100 80GB HBM3")
+    (run_copy / "run.json").write_text(json.dumps(run))
+    html = render_report(run_copy).read_text()
+    assert '<dd id="h-device">GPU: NVIDIA H100 80GB HBM3</dd>' in html
