@@ -421,12 +421,14 @@ def _layer_axis(depth: int) -> list[tuple[float, str]]:
     return [(0, "primary")] + [(i, f"caps {i}") for i in range(1, depth + 1)] + [(depth + 1, "class")]
 
 
-def _layer_x(name: str, max_depth: int) -> float:
-    if name == "primary":
+def _layer_x(name: str, index: int, n_layers: int, max_depth: int) -> float:
+    """Where a layer sits on the depth profile's x axis: primary at 0, class capsules at max_depth + 1."""
+    if name == "primary" or index == 0:
         return 0
-    if name == "class":
+    if name == "class" or index == n_layers - 1:
         return max_depth + 1
-    return float(name.removeprefix("intermediate"))
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return float(digits) if digits else float(index)
 
 
 def depth_profile(configs: list[dict]) -> list[dict]:
@@ -446,8 +448,9 @@ def depth_profile(configs: list[dict]) -> list[dict]:
             healths = [("unpruned", c["health"])]
             healths += [(_prune_variant(p), p.get("health_pruned")) for p in _done_prunes(c)]
             for variant, h in healths:
-                for layer in (h or {}).get("layers", []):
-                    x = _layer_x(layer["name"], max_depth)
+                layers = (h or {}).get("layers", [])
+                for index, layer in enumerate(layers):
+                    x = _layer_x(layer["name"], index, len(layers), max_depth)
                     length[(_depth(c), variant)][x].append(layer["mean_length"])
                     inactive[(_depth(c), variant)][x].append(layer["inactive_fraction"])
         depths = sorted({d for d, _ in length})

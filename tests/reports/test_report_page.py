@@ -201,6 +201,9 @@ def test_numbers_on_the_page_equal_the_result_files(page):
             table = f"table.latency[data-config='{d.name}'][data-variant='{r['variant']}']"
             cell = f"{table} tr[data-batch='{r['batch']}'] td.p50[data-backend='{r['backend']}']"
             assert _text(pg, cell) == f"{r['p50_ms']:.3g}", cell
+            spread, ips = (pg.locator(cell).locator(f"xpath=following-sibling::td[{i}]") for i in (1, 2))
+            assert spread.inner_text().strip() == f"{r['min_ms']:.3g} / {r['p90_ms']:.3g}", cell
+            assert ips.inner_text().strip() == f"{r['throughput_ips']:.0f}", cell
 
 
 def test_without_verdicts_no_claim_is_said_to_fail(run_copy):
