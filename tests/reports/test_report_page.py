@@ -334,3 +334,24 @@ def test_a_gpu_run_names_its_gpu_in_the_header(run_copy):
     (run_copy / "run.json").write_text(json.dumps(run))
     html = render_report(run_copy).read_text()
     assert '<dd id="h-device">GPU: NVIDIA H100 80GB HBM3</dd>' in html
+
+
+def test_capsbench_report_shows_regressions_against_a_doctored_baseline(run_copy, tmp_path, capsys):
+    from capsbench.suite.cli import main
+
+    baseline = tmp_path / "baseline"
+    shutil.copytree(DATA, baseline)
+    cfg = _configs(baseline)[0]
+    metrics = _json(cfg / "metrics.json")
+    metrics["test_accuracy"] += 0.05  # the baseline was better
+    (cfg / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "page.html"
+    assert main(["report", str(run_copy), "--baseline", str(baseline), "--output", str(out)]) == 0
+    assert f"report: {out}" in capsys.readouterr().out
+    section = re.search(r'<section id="regressions">.*?</section>', out.read_text(), re.S).group(0)
+    row = re.search(
+        rf'<tr class="regressed"><td class="l"><code>{cfg.name}</code></td><td class="l">test_accuracy.*?</tr>',
+        section,
+        re.S,
+    )
+    assert row, section[:2000]
