@@ -61,6 +61,8 @@ def load_config_dir(folder: Path) -> dict[str, Any] | None:
         },
         "latency": read_json(folder / "latency.json", "latency"),
         "latency_cpp": read_json(folder / "latency_cpp.json", "latency"),
+        # Which stages ran and how they ended ('capsbench all' writes it; single-stage commands do not).
+        "pipeline": read_json(folder / "pipeline.json", "pipeline"),
     }
 
 
@@ -74,7 +76,13 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         raise ReportError(
             f"{run_dir}: no config results here; run 'capsbench all' (or 'capsbench train') first"
         )
-    return {"dir": str(run_dir), "run": read_json(run_dir / "run.json", "run") or {}, "configs": configs}
+    return {
+        "dir": str(run_dir),
+        "run": read_json(run_dir / "run.json", "run") or {},
+        "configs": configs,
+        # The statistics stage's verdicts on the paper's claims (schema in render.claims), when it ran.
+        "verdicts": read_json(run_dir / "verdicts.json", "verdicts"),
+    }
 
 
 def eager_p50(latency: dict | None) -> dict[tuple, float]:

@@ -1,6 +1,7 @@
 """The HTML report: a run folder's result files -> one self-contained report.html (inline CSS and SVG).
 
-Every number shown comes from the JSON files; charts are hand-made SVG (reports/svg.py), so it opens offline.
+Every number shown comes from the JSON files; charts are matplotlib figures inlined as SVG (reports/charts.py),
+so the page opens offline. `render_report(run_dir, out_path=None, baseline_dir=None)` is the one door in.
 """
 
 from __future__ import annotations
@@ -14,394 +15,65 @@ from typing import Any
 
 import jinja2
 
-from capsbench.reports import svg
+from capsbench.reports import charts
+from capsbench.reports.charts import PALETTE, Panel, Series
 from capsbench.reports.compare import compare_runs
 from capsbench.reports.load import eager_p50, load_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 
-# What the paper claims, in words (no table of the paper could be read: see README and shared/paper.md).
+# What the paper claims, in words (no table of the paper could be read: see README and shared/paper.md),
+# and the chart of this page that shows the data behind each.
 PAPER_CLAIMS = [
     (
         "deeper_loses_accuracy",
         "Adding capsule layers does not improve accuracy, or lowers it (Sahu & Altahhan 2024; Everett et al. 2023).",
+        "accuracy-depth",
     ),
-    ("deeper_more_inactive", "Deeper capsule layers have more inactive capsules (vanishing activations)."),
+    (
+        "deeper_more_inactive",
+        "Deeper capsule layers have more inactive capsules (vanishing activations).",
+        "depth-profile",
+    ),
     (
         "pruning_fewer_inactive",
         "Pruned models have fewer inactive capsules than the unpruned models of the same configuration.",
+        "depth-profile",
     ),
     (
         "pruning_better_accuracy",
         "Pruned models have better accuracy than the unpruned models of the same configuration.",
+        "pruning",
     ),
+]
+VERDICTS = ("held", "did not hold", "inconclusive", "not testable")
+MIN_SEEDS_FOR_CLAIMS = 3
+
+# The files each stage writes (relative to a config folder): what "missing" means in the header.
+STAGE_FILES = {
+    "train": ["metrics.json", "health.json"],
+    "prune": ["prune_*/prune.json", "prune_*/health_pruned.json"],
+    "export": ["export.json", "parity.json"],
+    "time": ["latency.json"],
+    "cpp": ["latency_cpp.json"],
+}
+BACKENDS = [  # (column title, test on the backend name)
+    ("Python ORT", lambda b: b.startswith("ort") and not b.startswith("ort_cpp")),
+    ("C++ ORT", lambda b: b.startswith("ort_cpp")),
+    ("torch eager", lambda b: b == "torch_eager"),
+    ("torch.compile", lambda b: b.startswith("torch_compile")),
 ]
 
 
-def _layer_names(health: dict | None) -> list[str]:
-    return [layer["name"] for layer in health["layers"]] if health else []
+def _backend_title(backend: str) -> str | None:
+    return next((title for title, test in BACKENDS if test(str(backend))), None)
 
 
-def _inactive_cells(health: dict | None) -> list[str]:
-    return [f"{layer['inactive']}/{layer['num_capsules']}" for layer in health["layers"]] if health else []
-
-
-def _main_prune(c: dict) -> dict | None:
-    """The pruning result a config's table row shows: the one with the largest ratios that finished."""
-    done = [p for p in c["prunes"] if p.get("status") == "complete"]
-    if not done:
-        return None
-    return max(
-        done, key=lambda p: (p["settings"]["backbone_ratio"] + p["settings"]["caps_ratio"], p["folder"])
-    )
-
-
-def _acc(c: dict) -> float | None:
-    m = c["metrics"]
-    return m.get("test_accuracy") if m and m.get("status") == "complete" else None
+# ---------------------------------------------------------------- numbers as the page prints them
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
-
-
-def config_rows(configs: list[dict]) -> list[dict]:
-    rows = []
-    for c in configs:
-        m, cfg, prune = c["metrics"] or {}, c["config"], _main_prune(c)
-        acc = _acc(c)
-        pruned_acc = prune["summary"]["test_accuracy"]["after_finetune"] if prune else None
-        rows.append(
-            {
-                "id": c["id"],
-                "label": c["label"],
-                "dataset": cfg["dataset"],
-                "depth": len(cfg["model"]["intermediate"]),
-                "caps": cfg["model"]["primary_types"],
-                "dim": cfg["model"]["primary_dim"],
-                "seed": cfg["seed"],
-                "epochs": m.get("epochs"),
-                "status": m.get("status", "not trained"),
-                "error": m.get("error"),
-                "accuracy": _pct(acc),
-                "pruned_accuracy": _pct(pruned_acc),
-                "delta": "-" if acc is None or pruned_acc is None else f"{100 * (pruned_acc - acc):+.2f}",
-                "prune_setting": (
-                    f"b{prune['settings']['backbone_ratio']:.2f} c{prune['settings']['caps_ratio']:.2f} "
-                    f"{prune['settings'].get('criterion', '')}"
-                )
-                if prune
-                else "-",
-                "parameters": m.get("parameters"),
-                "pruned_parameters": prune["summary"]["parameters"]["after"] if prune else None,
-                "flops": prune["summary"]["flops"]["before"] if prune else None,
-                "pruned_flops": prune["summary"]["flops"]["after"] if prune else None,
-                "inactive": _inactive_cells(c["health"]),
-                "inactive_pruned": _inactive_cells(prune.get("health_pruned")) if prune else [],
-                "train_seconds": m.get("train_seconds_total"),
-            }
-        )
-    return rows
-
-
-def seed_groups(configs: list[dict]) -> list[dict]:
-    """Configs that differ only in seed, with mean and std of accuracy (unpruned and pruned)."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for c in configs:
-        key = c["label"].rsplit("| seed", 1)[0].strip() + f" | {c['config']['dataset']}"
-        groups[key].append(c)
-    out = []
-    for key, members in groups.items():
-        accs = [a for c in members if (a := _acc(c)) is not None]
-        pruned = [p["summary"]["test_accuracy"]["after_finetune"] for c in members if (p := _main_prune(c))]
-        out.append(
-            {
-                "label": key,
-                "seeds": len(members),
-                "accuracy_mean": statistics.fmean(accs) if accs else None,
-                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "pruned_mean": statistics.fmean(pruned) if pruned else None,
-                "pruned_std": statistics.stdev(pruned) if len(pruned) > 1 else 0.0,
-            }
-        )
-    return out
-
-
-def depth_chart(configs: list[dict]) -> str | None:
-    """Accuracy vs number of intermediate capsule layers, unpruned and pruned, per capsule shape (mean over seeds)."""
-    buckets: dict[tuple[str, bool], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for c in configs:
-        mdl = c["config"]["model"]
-        shape = f"{mdl['primary_types']} caps x {mdl['primary_dim']} dims"
-        depth = len(mdl["intermediate"])
-        if (a := _acc(c)) is not None:
-            buckets[(shape, False)][depth].append(100 * a)
-        if p := _main_prune(c):
-            buckets[(shape, True)][depth].append(100 * p["summary"]["test_accuracy"]["after_finetune"])
-    if not buckets:
-        return None
-    series = []
-    for (shape, pruned), by_depth in sorted(buckets.items()):
-        pts = sorted((float(d), statistics.fmean(v)) for d, v in by_depth.items())
-        errs = [statistics.stdev(by_depth[int(d)]) if len(by_depth[int(d)]) > 1 else 0.0 for d, _ in pts]
-        series.append(svg.Series(f"{shape}{' pruned' if pruned else ''}", pts, dashed=pruned, errors=errs))
-    return svg.line_chart(
-        series,
-        "intermediate capsule layers",
-        "test accuracy (%)",
-        "Accuracy vs depth (solid: unpruned, dashed: pruned)",
-        integer_x=True,
-    )
-
-
-def health_heatmaps(configs: list[dict]) -> tuple[str | None, str | None]:
-    with_health = [c for c in configs if c["health"]]
-    if not with_health:
-        return None, None
-    max_depth = max(len(c["config"]["model"]["intermediate"]) for c in with_health)
-    cols = ["primary"] + [f"intermediate{i + 1}" for i in range(max_depth)] + ["class"]
-
-    def grid(get_health) -> tuple[list[str], list[list[float | None]]]:
-        rows, values = [], []
-        for c in with_health:
-            h = get_health(c)
-            if not h:
-                continue
-            by_name = {layer["name"]: layer["inactive_fraction"] for layer in h["layers"]}
-            rows.append(f"{c['id']} {c['label'].split('|')[1].strip()}")
-            values.append([by_name.get(col) for col in cols])
-        return rows, values
-
-    rows, values = grid(lambda c: c["health"])
-    before = svg.heatmap(rows, cols, values, "Inactive capsules before pruning")
-    rows, values = grid(lambda c: (_main_prune(c) or {}).get("health_pruned"))
-    after = svg.heatmap(rows, cols, values, "Inactive capsules after pruning + fine-tuning") if rows else None
-    return before, after
-
-
-def length_charts(configs: list[dict], limit: int = 6) -> list[dict]:
-    """Capsule-length distributions per layer (share of samples per 0.02-wide bin) for the deepest configs."""
-    chosen = sorted((c for c in configs if c["health"]), key=lambda c: -len(c["health"]["layers"]))[:limit]
-    charts = []
-    for c in chosen:
-        series = []
-        for layer in c["health"]["layers"]:
-            edges, counts = layer["histogram"]["edges"], layer["histogram"]["counts"]
-            total = sum(counts) or 1
-            pts = [((edges[i] + edges[i + 1]) / 2, 100 * n / total) for i, n in enumerate(counts)]
-            series.append(svg.Series(layer["name"], pts))
-        charts.append(
-            {
-                "id": c["id"],
-                "svg": svg.line_chart(
-                    series, "capsule length", "share of samples (%)", f"Capsule lengths, {c['id']}"
-                ),
-            }
-        )
-    return charts
-
-
-def sweep_chart(configs: list[dict]) -> str | None:
-    series = []
-    for c in configs:
-        for sweep in c["sweeps"]:
-            by_caps: dict[float, list[tuple[float, float]]] = defaultdict(list)
-            for r in sweep["rows"]:
-                if r.get("acc_after_finetune") is not None:
-                    by_caps[r["caps_ratio"]].append((r["backbone_ratio"], 100 * r["acc_after_finetune"]))
-            for caps, pts in sorted(by_caps.items()):
-                series.append(svg.Series(f"{c['id']} caps {caps:.2f}", pts))
-    if not series:
-        return None
-    return svg.line_chart(
-        series[:9],
-        "backbone pruning ratio",
-        "test accuracy after fine-tuning (%)",
-        "Accuracy vs pruning ratio (one line per config and capsule ratio)",
-    )
-
-
-def latency_rows(configs: list[dict]) -> list[dict]:
-    rows = []
-    for c in configs:
-        eager = eager_p50(c["latency"])  # the C++ runner's rows are compared with the same torch timings
-        for source in (c["latency"], c["latency_cpp"]):
-            if not source:
-                continue
-            for r in source["rows"]:
-                base = eager.get((r.get("variant"), r.get("batch")))
-                rows.append(
-                    {
-                        "id": c["id"],
-                        "variant": r.get("variant", "model"),
-                        "backend": r.get("backend"),
-                        "provider": r.get("provider", ""),
-                        "batch": r.get("batch"),
-                        "p50": r.get("p50_ms"),
-                        "p90": r.get("p90_ms"),
-                        "p99": r.get("p99_ms"),
-                        "first": r.get("first_run_ms"),
-                        "throughput": r.get("throughput_ips"),
-                        "error": r.get("error"),
-                        "speedup": (base / r["p50_ms"]) if base and r.get("p50_ms") else None,
-                        "gemm_fraction": r.get("gemm_fraction"),
-                    }
-                )
-    return rows
-
-
-def latency_charts(rows: list[dict]) -> list[dict]:
-    charts = []
-    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        if r["p50"]:
-            by_key[(r["id"], r["variant"])].append(r)
-    for (cid, variant), rs in by_key.items():
-        batches = sorted({r["batch"] for r in rs})
-        backends = sorted({r["backend"] for r in rs})
-        groups = [
-            (
-                b,
-                [
-                    next((r["p50"] for r in rs if r["backend"] == b and r["batch"] == n), None)
-                    for n in batches
-                ],
-            )
-            for b in backends
-        ]
-        charts.append(
-            {
-                "id": cid,
-                "variant": variant,
-                "svg": svg.bar_chart(
-                    [str(n) for n in batches],
-                    groups,
-                    "p50 latency (ms, log scale)",
-                    f"Latency {cid} ({variant})",
-                    "batch size",
-                    log_y=True,
-                ),
-            }
-        )
-    return charts
-
-
-def pareto_chart(configs: list[dict], rows: list[dict]) -> str | None:
-    """Accuracy vs ORT p50 at the smallest timed batch, unpruned and pruned variants."""
-    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for c in configs:
-        ort = [r for r in rows if r["id"] == c["id"] and str(r["backend"]).startswith("ort") and r["p50"]]
-        variants = [("unpruned", "model", _acc(c))]
-        variants += [
-            ("pruned", p["folder"], p["summary"]["test_accuracy"]["after_finetune"])
-            for p in c["prunes"]
-            if p.get("status") == "complete"
-        ]
-        for group, variant, acc in variants:
-            mine = [r for r in ort if r["variant"] == variant]
-            if acc is None or not mine:
-                continue
-            smallest = min(r["batch"] for r in mine)
-            p50 = min(r["p50"] for r in mine if r["batch"] == smallest)
-            groups[group].append((p50, 100 * acc))
-    if not groups:
-        return None
-    return svg.scatter_chart(
-        [svg.Series(k, v) for k, v in groups.items()],
-        "ONNX Runtime p50 latency (ms)",
-        "test accuracy (%)",
-        "Accuracy vs latency (Pareto view)",
-    )
-
-
-def _trend(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope, None with fewer than two distinct x."""
-    if len(set(xs)) < 2:
-        return None
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-
-
-def findings(configs: list[dict], lat_rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """Sentences for the summary and the paper's claims with what this run shows for each."""
-    trained = [c for c in configs if _acc(c) is not None]
-    notes, claims = [], []
-    failed = [c for c in configs if (c["metrics"] or {}).get("status") not in ("complete",)]
-    if trained:
-        best = max(trained, key=_acc)
-        notes.append(
-            f"{len(trained)} of {len(configs)} configs trained; best test accuracy "
-            f"{100 * _acc(best):.2f}% ({best['id']}, {best['label']})."
-        )
-    if failed:
-        notes.append(
-            f"{len(failed)} config(s) did not finish: "
-            + ", ".join(f"{c['id']} ({(c['metrics'] or {}).get('status', 'not trained')})" for c in failed)
-            + "."
-        )
-    depths = [float(len(c["config"]["model"]["intermediate"])) for c in trained]
-    acc_slope = _trend(depths, [100 * _acc(c) for c in trained])
-    dead = [c["health"]["routed_inactive_fraction"] for c in trained if c["health"]]
-    dead_slope = (
-        _trend(
-            [float(len(c["config"]["model"]["intermediate"])) for c in trained if c["health"]],
-            [100 * d for d in dead],
-        )
-        if dead
-        else None
-    )
-    pruned = [(c, p) for c in trained if (p := _main_prune(c))]
-    better = [1 for c, p in pruned if p["summary"]["test_accuracy"]["after_finetune"] > _acc(c)]
-    fewer = [
-        1
-        for _, p in pruned
-        if p["summary"]["routed_inactive"]["after_finetune"] < p["summary"]["routed_inactive"]["before"]
-    ]
-    nonzero_dead = [1 for _, p in pruned if p["summary"]["routed_inactive"]["before"] > 0]
-
-    def verdict(ok: bool | None, text: str) -> dict:
-        return {"status": "not measured" if ok is None else ("held" if ok else "did not hold"), "ours": text}
-
-    claims.append(
-        verdict(
-            None if acc_slope is None else acc_slope <= 0,
-            "no depth variation in this run"
-            if acc_slope is None
-            else f"accuracy changes by {acc_slope:+.2f} points per added layer (least squares)",
-        )
-    )
-    claims.append(
-        verdict(
-            None if dead_slope is None else dead_slope > 0,
-            "no depth variation in this run"
-            if dead_slope is None
-            else f"share of inactive routed capsules changes by {dead_slope:+.2f} points per added layer",
-        )
-    )
-    claims.append(
-        verdict(
-            None if not pruned else (len(fewer) > len(pruned) / 2),
-            "no pruned model in this run"
-            if not pruned
-            else f"{len(fewer)} of {len(pruned)} pruned configs have fewer inactive routed capsules "
-            f"({len(nonzero_dead)} had any to lose)",
-        )
-    )
-    claims.append(
-        verdict(
-            None if not pruned else (len(better) > len(pruned) / 2),
-            "no pruned model in this run"
-            if not pruned
-            else f"{len(better)} of {len(pruned)} pruned configs beat their unpruned accuracy",
-        )
-    )
-    speedups = [r["speedup"] for r in lat_rows if r["speedup"] and str(r["backend"]).startswith("ort")]
-    if speedups:
-        notes.append(
-            f"ONNX Runtime vs torch eager (p50): {min(speedups):.2f}x to {max(speedups):.2f}x "
-            f"over {len(speedups)} timings."
-        )
-    return notes, [{"claim": text, **v} for (_, text), v in zip(PAPER_CLAIMS, claims, strict=True)]
 
 
 def _fmt_int(v: Any) -> str:
@@ -420,44 +92,763 @@ def _fmt_num(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _delta_pct(before: float | None, after: float | None) -> str:
+    if before is None or after is None or not before:
+        return "-"
+    return f"{100 * (after - before) / before:+.1f}%"
+
+
+# ---------------------------------------------------------------- reading configs
+
+
+def _acc(c: dict) -> float | None:
+    m = c["metrics"]
+    return m.get("test_accuracy") if m and m.get("status") == "complete" else None
+
+
+def _shape(c: dict) -> str:
+    mdl = c["config"]["model"]
+    return f"{mdl['primary_types']} types x {mdl['primary_dim']} dims"
+
+
+def _depth(c: dict) -> int:
+    return len(c["config"]["model"]["intermediate"])
+
+
+def _group_key(c: dict) -> str:
+    """Configs that differ only in seed share this key."""
+    return c["label"].rsplit("| seed", 1)[0].strip() + f" | {c['config']['dataset']}"
+
+
+def _prune_variant(p: dict) -> str:
+    """'pruned' for the method under test, the control's name (e.g. 'random', 'l1') when the file marks one."""
+    return str(p.get("control") or "pruned")
+
+
+def _done_prunes(c: dict) -> list[dict]:
+    return [p for p in c["prunes"] if p.get("status") == "complete"]
+
+
+def _main_prune(c: dict) -> dict | None:
+    """The pruned model a config's rows show: the method under test (not a control) with the largest ratios."""
+    done = [p for p in _done_prunes(c) if not p.get("control")]
+    if not done:
+        return None
+    return max(
+        done, key=lambda p: (p["settings"]["backbone_ratio"] + p["settings"]["caps_ratio"], p["folder"])
+    )
+
+
+def _inactive_total(health: dict | None) -> tuple[int, int] | None:
+    if not health:
+        return None
+    return sum(x["inactive"] for x in health["layers"]), sum(x["num_capsules"] for x in health["layers"])
+
+
+# ---------------------------------------------------------------- header
+
+
+def header(run: dict, configs: list[dict]) -> dict:
+    """Preset, device, execution providers actually used, commit, date, seeds, stage status and cautions."""
+    meta = run["run"]
+    env = (
+        meta.get("environment")
+        or next(((c["metrics"] or {}).get("environment") for c in configs if c["metrics"]), {})
+        or {}
+    )
+    if env.get("device", "cpu") != "cpu" or env.get("cuda_available"):
+        device = f"GPU: {env.get('gpu') or env.get('gpu_name') or env.get('device')}"
+    else:
+        device = f"CPU: {env.get('cpu', 'unknown')}, {env.get('cpu_threads', '?')} threads"
+    providers: set[str] = set()
+    for c in configs:
+        for session in ((c["latency"] or {}).get("sessions") or {}).values():
+            if session and session.get("provider"):
+                providers.add(f"{session['provider']} (Python)")
+        for runner in ((c["latency_cpp"] or {}).get("runner") or {}).values():
+            if runner and runner.get("provider"):
+                providers.add(f"{runner['provider']} (C++)")
+    seeds = sorted({c["config"]["seed"] for c in configs})
+    groups = defaultdict(list)
+    for c in configs:
+        groups[_group_key(c)].append(c)
+    min_seeds = min(len(g) for g in groups.values())
+    epochs = sorted({c["config"].get("epochs") for c in configs if c["config"].get("epochs") is not None})
+    cautions = []
+    if min_seeds < MIN_SEEDS_FOR_CLAIMS:
+        cautions.append(
+            f"{min_seeds} seed(s) per configuration (fewer than {MIN_SEEDS_FOR_CLAIMS}): differences between "
+            "configurations cannot be told from seed-to-seed noise, so this run can neither support nor refute "
+            "the paper's claims. Read it as a check of the pipeline."
+        )
+    if meta.get("preset") == "smoke":
+        cautions.append(
+            f"The smoke preset trains on a subset for {', '.join(map(str, epochs))} epoch(s): far from the paper's schedule."
+        )
+    return {
+        "preset": meta.get("preset") or "-",
+        "device": device,
+        "providers": sorted(providers) or ["none recorded (no latency results)"],
+        "commit": env.get("git_commit") or "-",
+        "started": meta.get("started") or "-",
+        "seeds": seeds,
+        "environment": env,
+        "cautions": cautions,
+        "stages": stage_status(run, configs),
+    }
+
+
+def stage_status(run: dict, configs: list[dict]) -> list[dict]:
+    """Per config: each requested stage ok / failed (with its error) / missing files, from pipeline.json."""
+    stages = run["run"].get("stages") or list(STAGE_FILES)
+    rows = []
+    for c in configs:
+        folder = Path(run["dir"]) / c["id"]
+        record = c.get("pipeline") or {}
+        cells = []
+        for stage in stages:
+            if stage not in STAGE_FILES:
+                continue
+            rec = record.get(stage) or {}
+            missing = [f for f in STAGE_FILES[stage] if not list(folder.glob(f))]
+            if rec.get("status") == "failed":
+                cells.append({"stage": stage, "status": "failed", "detail": rec.get("error", "")})
+            elif missing:
+                cells.append({"stage": stage, "status": "missing", "detail": ", ".join(missing)})
+            else:
+                cells.append({"stage": stage, "status": "ok", "detail": ""})
+        rows.append(
+            {
+                "id": c["id"],
+                "label": c["label"],
+                "cells": cells,
+                "pipeline": record.get("status") or "no pipeline.json",
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- tables
+
+
+def config_rows(configs: list[dict]) -> list[dict]:
+    rows = []
+    for c in configs:
+        m, cfg, prune = c["metrics"] or {}, c["config"], _main_prune(c)
+        acc = _acc(c)
+        pruned_acc = prune["summary"]["test_accuracy"]["after_finetune"] if prune else None
+        rows.append(
+            {
+                "id": c["id"],
+                "label": c["label"],
+                "dataset": cfg["dataset"],
+                "epochs": m.get("epochs"),
+                "status": m.get("status", "not trained"),
+                "error": m.get("error"),
+                "accuracy": _pct(acc),
+                "pruned_accuracy": _pct(pruned_acc),
+                "delta": "-" if acc is None or pruned_acc is None else f"{100 * (pruned_acc - acc):+.2f}",
+                "parameters": m.get("parameters"),
+                "inactive": [
+                    f"{x['inactive']}/{x['num_capsules']}" for x in (c["health"] or {}).get("layers", [])
+                ],
+            }
+        )
+    return rows
+
+
+def seed_groups(configs: list[dict]) -> list[dict]:
+    """Configs that differ only in seed, with mean and std of accuracy (unpruned and pruned)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for c in configs:
+        groups[_group_key(c)].append(c)
+    out = []
+    for key, members in groups.items():
+        accs = [a for c in members if (a := _acc(c)) is not None]
+        pruned = [p["summary"]["test_accuracy"]["after_finetune"] for c in members if (p := _main_prune(c))]
+        out.append(
+            {
+                "label": key,
+                "seeds": len(members),
+                "accuracy_mean": statistics.fmean(accs) if accs else None,
+                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
+                "pruned_mean": statistics.fmean(pruned) if pruned else None,
+                "pruned_std": statistics.stdev(pruned) if len(pruned) > 1 else None,
+            }
+        )
+    return out
+
+
+def _latency_row(c: dict, variant: str, backend_title: str, batch: int | None = None) -> dict | None:
+    rows = [
+        r
+        for src in (c["latency"], c["latency_cpp"])
+        for r in (src or {}).get("rows", [])
+        if r.get("variant", "model") == variant
+        and _backend_title(r.get("backend")) == backend_title
+        and r.get("p50_ms")
+    ]
+    if not rows:
+        return None
+    if batch is None:
+        batch = min(r["batch"] for r in rows)
+    return next((r for r in rows if r["batch"] == batch), None)
+
+
+def pruning_rows(configs: list[dict]) -> list[dict]:
+    """Each pruned model (and control) beside its parent: accuracy, inactive capsules, size, cost, latency."""
+    out = []
+    for c in configs:
+        done = _done_prunes(c)
+        if not done:
+            continue
+        flops = (c["latency"] or {}).get("flops_per_image") or {}
+        batches = sorted({r["batch"] for r in (c["latency"] or {}).get("rows", []) if r.get("p50_ms")})
+        big = batches[-1] if batches else None
+
+        def lat(variant: str, batch: int | None, c: dict = c) -> float | None:
+            r = _latency_row(c, variant, "Python ORT", batch) if batch is not None else None
+            return r["p50_ms"] if r else None
+
+        parent_inactive = _inactive_total(c["health"])
+        parent = {
+            "variant": "unpruned",
+            "folder": "-",
+            "accuracy": _acc(c),
+            "inactive": parent_inactive,
+            "routed": (c["health"] or {}).get("routed_inactive"),
+            "parameters": done[0]["summary"]["parameters"]["before"],
+            "macs": done[0]["summary"]["flops"]["before"],
+            "flops": flops.get("model"),
+            "p50_small": lat("model", batches[0] if batches else None),
+            "p50_big": lat("model", big),
+        }
+        rows = [parent]
+        for p in done:
+            s = p["summary"]
+            rows.append(
+                {
+                    "variant": _prune_variant(p),
+                    "folder": p["folder"],
+                    "accuracy": s["test_accuracy"]["after_finetune"],
+                    "inactive": _inactive_total(p.get("health_pruned")),
+                    "routed": s["routed_inactive"]["after_finetune"],
+                    "parameters": s["parameters"]["after"],
+                    "macs": s["flops"]["after"],
+                    "flops": flops.get(p["folder"]),
+                    "p50_small": lat(p["folder"], batches[0] if batches else None),
+                    "p50_big": lat(p["folder"], big),
+                }
+            )
+        for r in rows[1:]:
+            r["d_accuracy"] = (
+                "-"
+                if r["accuracy"] is None or parent["accuracy"] is None
+                else f"{100 * (r['accuracy'] - parent['accuracy']):+.2f}"
+            )
+            r["d_parameters"] = _delta_pct(parent["parameters"], r["parameters"])
+            r["d_macs"] = _delta_pct(parent["macs"], r["macs"])
+            r["d_flops"] = _delta_pct(parent["flops"], r["flops"])
+            r["d_p50_small"] = _delta_pct(parent["p50_small"], r["p50_small"])
+            r["d_p50_big"] = _delta_pct(parent["p50_big"], r["p50_big"])
+            r["d_inactive"] = (
+                "-"
+                if not r["inactive"] or not parent_inactive
+                else f"{r['inactive'][0] - parent_inactive[0]:+d}"
+            )
+        out.append(
+            {
+                "id": c["id"],
+                "label": c["label"],
+                "rows": rows,
+                "batch_small": batches[0] if batches else None,
+                "batch_big": big,
+            }
+        )
+    return out
+
+
+def latency_tables(configs: list[dict]) -> list[dict]:
+    """Per model (config x variant): one row per batch size, backends side by side."""
+    tables = []
+    for c in configs:
+        rows = [r for src in (c["latency"], c["latency_cpp"]) for r in (src or {}).get("rows", [])]
+        if not rows:
+            continue
+        backends = [t for t, _ in BACKENDS if any(_backend_title(r.get("backend")) == t for r in rows)]
+        eager = eager_p50(c["latency"])
+        variants = list(dict.fromkeys(r.get("variant", "model") for r in rows))
+        for variant in variants:
+            mine = [r for r in rows if r.get("variant", "model") == variant]
+            lines = []
+            for batch in sorted({r["batch"] for r in mine}):
+                cells = []
+                for b in backends:
+                    r = next(
+                        (r for r in mine if r["batch"] == batch and _backend_title(r.get("backend")) == b),
+                        None,
+                    )
+                    if r is None:
+                        cells.append(None)
+                        continue
+                    base = eager.get((variant, batch))
+                    stable = r.get("stable")
+                    cells.append(
+                        {
+                            "backend": r.get("backend"),
+                            "error": r.get("error") if not r.get("p50_ms") else None,
+                            "min": r.get("min_ms"),
+                            "p50": r.get("p50_ms"),
+                            "p90": r.get("p90_ms"),
+                            "first": r.get("first_run_ms"),
+                            "ips": r.get("throughput_ips"),
+                            "spread": r.get("spread"),
+                            "stable": "n/a" if stable is None else ("stable" if stable else "unstable"),
+                            "speedup": base / r["p50_ms"] if base and r.get("p50_ms") else None,
+                        }
+                    )
+                lines.append({"batch": batch, "cells": cells})
+            tables.append(
+                {"id": c["id"], "label": c["label"], "variant": variant, "backends": backends, "rows": lines}
+            )
+    return tables
+
+
+# ---------------------------------------------------------------- charts
+
+
+def _layer_axis(depth: int) -> list[tuple[float, str]]:
+    return [(0, "primary")] + [(i, f"caps {i}") for i in range(1, depth + 1)] + [(depth + 1, "class")]
+
+
+def _layer_x(name: str, index: int, n_layers: int, max_depth: int) -> float:
+    """Where a layer sits on the depth profile's x axis: primary at 0, class capsules at max_depth + 1."""
+    if name == "primary" or index == 0:
+        return 0
+    if name == "class" or index == n_layers - 1:
+        return max_depth + 1
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return float(digits) if digits else float(index)
+
+
+def depth_profile(configs: list[dict]) -> list[dict]:
+    """Per capsule shape: mean capsule length (log) and inactive fraction per layer, unpruned vs pruned vs
+    controls, mean over seeds with the seeds' min-max as a band. Class capsules are aligned on the right."""
+    by_shape: dict[str, list[dict]] = defaultdict(list)
+    for c in configs:
+        if c["health"]:
+            by_shape[_shape(c)].append(c)
+    out = []
+    for n, (shape, members) in enumerate(sorted(by_shape.items())):
+        max_depth = max(_depth(c) for c in members)
+        # (depth, variant) -> layer x -> seeds' values
+        length: dict[tuple[int, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        inactive: dict[tuple[int, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for c in members:
+            healths = [("unpruned", c["health"])]
+            healths += [(_prune_variant(p), p.get("health_pruned")) for p in _done_prunes(c)]
+            for variant, h in healths:
+                layers = (h or {}).get("layers", [])
+                for index, layer in enumerate(layers):
+                    x = _layer_x(layer["name"], index, len(layers), max_depth)
+                    length[(_depth(c), variant)][x].append(layer["mean_length"])
+                    inactive[(_depth(c), variant)][x].append(layer["inactive_fraction"])
+        depths = sorted({d for d, _ in length})
+        order = {"unpruned": 0, "pruned": 1}
+
+        def series(table, order=order, depths=depths):
+            out_ = []
+            for d, variant in sorted(table, key=lambda k: (k[0], order.get(k[1], 2), k[1])):
+                xs = sorted(table[(d, variant)])
+                out_.append(
+                    Series(
+                        f"{d} caps layers, {variant}",
+                        xs,
+                        [table[(d, variant)][x] for x in xs],
+                        color=PALETTE[depths.index(d) % len(PALETTE)],
+                        variant=variant,
+                    )
+                )
+            return out_
+
+        seeds = max(len(v) for t in length.values() for v in t.values())
+        chart_id = f"depth-profile-{n}"
+        ticks = _layer_axis(max_depth)
+        svg = charts.panels(
+            chart_id,
+            [
+                Panel(
+                    series(length),
+                    "layer",
+                    "mean capsule length (log)",
+                    "Capsule length per layer",
+                    log_y=True,
+                    band=True,
+                    xticks=ticks,
+                ),
+                Panel(
+                    series(inactive),
+                    "layer",
+                    "inactive fraction",
+                    "Inactive capsules per layer",
+                    band=True,
+                    xticks=ticks,
+                    ylim=(-0.03, 1.03),
+                ),
+            ],
+            size=(10.5, 3.6),
+        )
+        out.append({"id": chart_id, "shape": shape, "seeds": seeds, "svg": svg})
+    return out
+
+
+def depth_profile_rows(configs: list[dict]) -> list[dict]:
+    """The depth profile's numbers: per config and variant, mean length and inactive count per layer."""
+    rows = []
+    for c in configs:
+        variants = [("unpruned", "-", c["health"])]
+        variants += [(_prune_variant(p), p["folder"], p.get("health_pruned")) for p in _done_prunes(c)]
+        for variant, folder, h in variants:
+            if h:
+                rows.append(
+                    {
+                        "id": c["id"],
+                        "variant": variant,
+                        "folder": folder,
+                        "layers": [
+                            {
+                                "name": x["name"],
+                                "length": x["mean_length"],
+                                "inactive": f"{x['inactive']}/{x['num_capsules']}",
+                            }
+                            for x in h["layers"]
+                        ],
+                    }
+                )
+    return rows
+
+
+def accuracy_depth_chart(configs: list[dict]) -> str | None:
+    """Accuracy vs number of intermediate capsule layers per capsule shape, unpruned vs pruned vs controls."""
+    buckets: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in configs:
+        if (a := _acc(c)) is not None:
+            buckets[(_shape(c), "unpruned")][_depth(c)].append(100 * a)
+        for p in _done_prunes(c):
+            buckets[(_shape(c), _prune_variant(p))][_depth(c)].append(
+                100 * p["summary"]["test_accuracy"]["after_finetune"]
+            )
+    if not buckets:
+        return None
+    shapes = sorted({s for s, _ in buckets})
+    series = []
+    rank = {"unpruned": 0, "pruned": 1}
+    for (shape, variant), by_depth in sorted(
+        buckets.items(), key=lambda kv: (kv[0][0], rank.get(kv[0][1], 2), kv[0][1])
+    ):
+        xs = sorted(by_depth)
+        vals = [by_depth[x] for x in xs]
+        series.append(
+            Series(
+                f"{shape}, {variant}",
+                [float(x) for x in xs],
+                vals,
+                color=PALETTE[shapes.index(shape) % len(PALETTE)],
+                variant=variant,
+                point_labels=[f"{statistics.fmean(v):.2f}" for v in vals],
+            )
+        )
+    depths = sorted({x for s in series for x in s.x})
+    return charts.panels(
+        "accuracy-depth",
+        [
+            Panel(
+                series,
+                "intermediate capsule layers",
+                "test accuracy (%)",
+                "Accuracy vs depth",
+                xticks=[(d, f"{d:g}") for d in depths],
+            )
+        ],
+        size=(7.5, 3.4),
+    )
+
+
+def latency_charts(configs: list[dict]) -> list[dict]:
+    """Per config: p50 per batch size for every backend and variant, error bars from min to p90."""
+    out = []
+    for n, c in enumerate(configs):
+        rows = [
+            r
+            for src in (c["latency"], c["latency_cpp"])
+            for r in (src or {}).get("rows", [])
+            if r.get("p50_ms")
+        ]
+        if not rows:
+            continue
+        keys = list(
+            dict.fromkeys((r.get("variant", "model"), _backend_title(r.get("backend"))) for r in rows)
+        )
+        backends = [t for t, _ in BACKENDS]
+        series = []
+        for variant, backend in keys:
+            mine = sorted(
+                (
+                    r
+                    for r in rows
+                    if (r.get("variant", "model"), _backend_title(r.get("backend"))) == (variant, backend)
+                ),
+                key=lambda r: r["batch"],
+            )
+            per_image = [[r["p50_ms"] / r["batch"]] for r in mine]
+            series.append(
+                Series(
+                    f"{backend}, {'unpruned' if variant == 'model' else 'pruned ' + variant.removeprefix('prune_')}",
+                    [float(r["batch"]) for r in mine],
+                    per_image,
+                    color=PALETTE[backends.index(backend) % len(PALETTE)] if backend in backends else None,
+                    variant="unpruned" if variant == "model" else "pruned",
+                    lo=[(r.get("min_ms") or r["p50_ms"]) / r["batch"] for r in mine],
+                    hi=[(r.get("p90_ms") or r["p50_ms"]) / r["batch"] for r in mine],
+                )
+            )
+        chart_id = f"latency-{n}"
+        svg = charts.panels(
+            chart_id,
+            [
+                Panel(
+                    series,
+                    "batch size",
+                    "p50 ms per image (log)",
+                    f"Latency, {c['id']}",
+                    log_y=True,
+                    log_x=True,
+                )
+            ],
+            size=(8.5, 3.6),
+        )
+        out.append({"id": chart_id, "config": c["id"], "label": c["label"], "svg": svg})
+    return out
+
+
+def pareto_chart(configs: list[dict]) -> str | None:
+    """Accuracy vs Python ORT p50 at batch 1 (or the smallest timed batch): each pruned model beside its parent."""
+    groups: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    arrows = []
+    batches = set()
+    for c in configs:
+        parent = None
+        variants = [("unpruned", "model", _acc(c), c["id"])]
+        variants += [
+            (
+                _prune_variant(p),
+                p["folder"],
+                p["summary"]["test_accuracy"]["after_finetune"],
+                f"{c['id']} {_prune_variant(p)}",
+            )
+            for p in _done_prunes(c)
+        ]
+        for group, variant, acc, text in variants:
+            r = _latency_row(c, variant, "Python ORT")
+            if acc is None or r is None:
+                continue
+            batches.add(r["batch"])
+            point = (r["p50_ms"], 100 * acc)
+            groups[group].append((*point, f"{text} (d{_depth(c)})"))
+            if group == "unpruned":
+                parent = point
+            elif parent:
+                arrows.append((parent, point))
+    if not groups:
+        return None
+    return charts.scatter_chart(
+        "pareto",
+        sorted(groups.items(), key=lambda kv: {"unpruned": 0, "pruned": 1}.get(kv[0], 2)),
+        f"Python ORT p50 latency at batch {'/'.join(map(str, sorted(batches)))} (ms, log)",
+        "test accuracy (%)",
+        "Accuracy vs latency",
+        arrows=arrows,
+        log_x=True,
+    )
+
+
+def sweep_chart(configs: list[dict]) -> str | None:
+    series = []
+    for c in configs:
+        for sweep in c["sweeps"]:
+            by_caps: dict[float, list[tuple[float, float]]] = defaultdict(list)
+            for r in sweep["rows"]:
+                if r.get("acc_after_finetune") is not None:
+                    by_caps[r["caps_ratio"]].append((r["backbone_ratio"], 100 * r["acc_after_finetune"]))
+            for caps, pts in sorted(by_caps.items()):
+                pts.sort()
+                series.append(
+                    Series(f"{c['id']} caps {caps:.2f}", [x for x, _ in pts], [[y] for _, y in pts])
+                )
+    if not series:
+        return None
+    return charts.panels(
+        "sweep",
+        [
+            Panel(
+                series[:8],
+                "backbone pruning ratio",
+                "test accuracy after fine-tuning (%)",
+                "Accuracy vs pruning ratio",
+            )
+        ],
+        size=(7.5, 3.4),
+    )
+
+
+# ---------------------------------------------------------------- the paper's claims
+
+
+def claims(run: dict, configs: list[dict]) -> list[dict]:
+    """Each claim's verdict from `verdicts.json` when the run has one; otherwise an honest 'not testable' or
+    'inconclusive' with the descriptive numbers (never 'did not hold' from a handful of configs).
+
+    verdicts.json (schema_version 1, kind "verdicts"), written by the statistics stage at the run's root::
+
+        {"schema_version": 1, "kind": "verdicts",
+         "verdicts": [{"claim": "deeper_more_inactive",          # one of PAPER_CLAIMS' keys
+                       "verdict": "held",                         # held | did not hold | inconclusive | not testable
+                       "test": "one-sided Mann-Whitney U, depth 0 vs depth 3",
+                       "n": 12,                                   # independent units (seeds x configs) in the test
+                       "effect": 0.18, "effect_name": "difference in inactive fraction",
+                       "interval": [0.07, 0.29], "interval_level": 0.95,
+                       "p_value": 0.004,                          # optional
+                       "note": "..."}]}                           # optional
+
+    Unknown claims are listed after the paper's; a verdict outside the four words is shown as 'inconclusive'.
+    """
+    given = {v.get("claim"): v for v in (run.get("verdicts") or {}).get("verdicts", [])}
+    trained = [c for c in configs if _acc(c) is not None]
+    depths = {_depth(c) for c in trained}
+    pruned = [(c, p) for c in trained if (p := _main_prune(c))]
+    groups = defaultdict(list)
+    for c in configs:
+        groups[_group_key(c)].append(c)
+    min_seeds = min((len(g) for g in groups.values()), default=0)
+    out = []
+    for key, text, chart in PAPER_CLAIMS:
+        v = given.pop(key, None)
+        if v is not None:
+            verdict = v.get("verdict") if v.get("verdict") in VERDICTS else "inconclusive"
+            interval = v.get("interval")
+            out.append(
+                {
+                    "claim": text,
+                    "verdict": verdict,
+                    "test": v.get("test") or "-",
+                    "n": v.get("n"),
+                    "effect": v.get("effect"),
+                    "effect_name": v.get("effect_name") or "",
+                    "interval": interval if isinstance(interval, list) and len(interval) == 2 else None,
+                    "level": v.get("interval_level"),
+                    "p_value": v.get("p_value"),
+                    "note": v.get("note") or "",
+                    "chart": chart,
+                }
+            )
+            continue
+        if key.startswith("deeper"):
+            testable = len(depths) >= 2
+            why = "the run has one depth only" if not testable else ""
+            if key == "deeper_loses_accuracy" and testable:
+                by_depth = {d: [100 * _acc(c) for c in trained if _depth(c) == d] for d in sorted(depths)}
+                why = "; ".join(
+                    f"depth {d}: {statistics.fmean(v):.2f}% (n={len(v)})" for d, v in by_depth.items()
+                )
+            elif testable:
+                by_depth = defaultdict(list)
+                for c in trained:
+                    if c["health"]:
+                        by_depth[_depth(c)].append(c["health"]["routed_inactive_fraction"])
+                why = "; ".join(
+                    f"depth {d}: {100 * statistics.fmean(v):.1f}% routed capsules inactive (n={len(v)})"
+                    for d, v in sorted(by_depth.items())
+                )
+        else:
+            testable = bool(pruned)
+            why = "no pruned model in this run"
+            if testable and key == "pruning_better_accuracy":
+                better = sum(p["summary"]["test_accuracy"]["after_finetune"] > _acc(c) for c, p in pruned)
+                why = f"{better} of {len(pruned)} pruned models beat their parent's accuracy"
+            elif testable:
+                fewer = sum(
+                    p["summary"]["routed_inactive"]["after_finetune"]
+                    < p["summary"]["routed_inactive"]["before"]
+                    for _, p in pruned
+                )
+                had = sum(p["summary"]["routed_inactive"]["before"] > 0 for _, p in pruned)
+                why = f"{fewer} of {len(pruned)} pruned models have fewer inactive routed capsules ({had} had any)"
+                testable = had > 0  # no parent has an inactive capsule to lose
+        out.append(
+            {
+                "claim": text,
+                "verdict": "not testable" if not testable else "inconclusive",
+                "test": "none: no verdicts.json in this run"
+                + (f"; {min_seeds} seed(s) per config" if testable else ""),
+                "n": None,  # no test ran: the numbers column gives each group's size
+                "effect": None,
+                "effect_name": "",
+                "interval": None,
+                "level": None,
+                "p_value": None,
+                "note": why,
+                "chart": chart,
+            }
+        )
+    for key, v in given.items():  # claims the statistics stage knows and this page does not
+        out.append(
+            {
+                "claim": str(key),
+                "verdict": v.get("verdict") if v.get("verdict") in VERDICTS else "inconclusive",
+                "test": v.get("test") or "-",
+                "n": v.get("n"),
+                "effect": v.get("effect"),
+                "effect_name": v.get("effect_name") or "",
+                "interval": v.get("interval"),
+                "level": v.get("interval_level"),
+                "p_value": v.get("p_value"),
+                "note": v.get("note") or "",
+                "chart": "",
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------- the page
+
+
 def build_context(run_dir: Path, baseline_dir: Path | None = None) -> dict[str, Any]:
     run = load_run(run_dir)
     configs = sorted(
         run["configs"],
-        key=lambda c: (
-            c["config"]["dataset"],
-            c["config"]["model"]["primary_types"],
-            c["config"]["model"]["primary_dim"],
-            len(c["config"]["model"]["intermediate"]),
-            c["config"]["seed"],
-        ),
+        key=lambda c: (c["config"]["dataset"], _shape(c), _depth(c), c["config"]["seed"]),
     )
-    lat = latency_rows(configs)
-    notes, claims = findings(configs, lat)
-    before, after = health_heatmaps(configs)
-    env = run["run"].get("environment", {})
+    groups = seed_groups(configs)
     return {
         "title": f"capsbench report: {run['run'].get('preset') or Path(run_dir).name}",
         "run_dir": str(run_dir),
-        "run": run["run"],
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "environment": env,
+        "head": header(run, configs),
         "configs": configs,
         "rows": config_rows(configs),
-        "groups": seed_groups(configs),
-        "multi_seed": any(g["seeds"] > 1 for g in seed_groups(configs)),
-        "notes": notes,
-        "claims": claims,
-        "depth_chart": depth_chart(configs),
-        "heatmap_before": before,
-        "heatmap_after": after,
-        "length_charts": length_charts(configs),
+        "groups": groups,
+        "multi_seed": any(g["seeds"] > 1 for g in groups),
+        "claims": claims(run, configs),
+        "threshold": next((c["health"].get("threshold") for c in configs if c["health"]), None),
+        "depth_profiles": depth_profile(configs),
+        "depth_rows": depth_profile_rows(configs),
+        "accuracy_depth": accuracy_depth_chart(configs),
+        "pruning": pruning_rows(configs),
         "sweep_chart": sweep_chart(configs),
-        "latency": lat,
-        "latency_charts": latency_charts(lat),
-        "pareto_chart": pareto_chart(configs, lat),
+        "latency_tables": latency_tables(configs),
+        "latency_charts": latency_charts(configs),
+        "pareto_chart": pareto_chart(configs),
         "comparison": compare_runs(run_dir, baseline_dir) if baseline_dir else None,
-        "layer_names": _layer_names,
     }
 
 
