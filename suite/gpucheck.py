@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -181,15 +182,16 @@ def latency_figures(
     backends["torch_eager"] = harness.torch_backend(model, device)
     if compile:
         backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
-    rows = harness.sweep(
-        backends,
-        x,
-        batches,
-        warmup=warmup,
-        iters=iters,
-        max_seconds=max_seconds,
-        progress=lambda line: print(line, flush=True),
-    )
+    with _no_tf32():  # torch in fp32 like ORT (use_tf32=0): the speedups compare the same arithmetic
+        rows = harness.sweep(
+            backends,
+            x,
+            batches,
+            warmup=warmup,
+            iters=iters,
+            max_seconds=max_seconds,
+            progress=lambda line: print(line, flush=True),
+        )
     return {
         "provider": session.provider,
         "session": session.info,
@@ -202,6 +204,7 @@ def latency_figures(
             "max_seconds": max_seconds,
             "compile": compile,
             "iobinding": cuda,
+            "tf32": False,
         },
         "rows": rows,
         "table": harness.format_table(rows),
@@ -288,14 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     cuda = missing is None
     device = torch.device("cuda" if cuda else "cpu")
     t0 = time.perf_counter()
+    result: dict[str, Any] = {"cuda": cuda, "cuda_missing": missing}
     try:
         cfg = pick_config(args.preset, args.config)
-        result: dict[str, Any] = {
-            "cuda": cuda,
-            "cuda_missing": missing,
-            "environment": {**environment(device), **runtime_environment()},
-            "doctor": diagnose(args.data_dir),
-        }
+        result["environment"] = {**environment(device), **runtime_environment()}
+        result["doctor"] = diagnose(args.data_dir)
         result["tests"] = None if args.skip_tests else run_cuda_tests(args.tests)
         if result["tests"] is not None:
             t = result["tests"]
@@ -322,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
                 compile=not args.no_compile,
                 max_seconds=args.max_seconds,
             )
-    except CapsbenchError as e:
-        print(f"gpu-check: error: {e}", file=sys.stderr)
-        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - GPU time is rare: whatever was measured is written with the error
+        result.update(
+            status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
+        )
+        result["seconds"] = time.perf_counter() - t0
+        write_json(args.out, KIND, result)
+        print(f"gpu-check: error: {e} (what ran before is in {args.out})", file=sys.stderr)
+        return e.exit_code if isinstance(e, CapsbenchError) else 1
     result["seconds"] = time.perf_counter() - t0
     result["problems"] = problems_of(result)
     result["status"] = "ok" if not result["problems"] else "problems"

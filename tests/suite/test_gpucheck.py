@@ -12,6 +12,7 @@ import torch
 from capsbench.export import export_onnx
 from capsbench.export.sessions import CPU, node_placement
 from capsbench.models import CapsNetConfig, build_capsnet
+from capsbench.suite import gpucheck
 from capsbench.suite.doctor import cuda_missing
 from capsbench.suite.gpucheck import SHAPE_OPS, placement_by_op, placement_summary
 
@@ -87,3 +88,13 @@ def test_placement_by_op_counts_the_same_kernels_as_node_placement(tmp_path):
     # On CPU every kernel is off CUDA, convolutions included: not "compute on CUDA" whatever the shape ops.
     assert s["ops_off_cuda"] == by_op[CPU] and not s["all_compute_on_cuda"] and not s["all_nodes_on_cuda"]
     assert "Conv" not in SHAPE_OPS
+
+
+def test_gpu_check_writes_what_it_has_when_a_step_fails(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    code = gpucheck.main(["--allow-cpu", "--skip-tests", "--config", "no-such-id", "--out", str(out)])
+    assert code == 2
+    r = json.loads(out.read_text())
+    assert r["kind"] == "gpu_check" and r["status"] == "error" and "no-such-id" in r["error"]
+    assert r["cuda"] is (cuda_missing() is None)
+    assert "no-such-id" in capsys.readouterr().err
