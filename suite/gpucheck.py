@@ -220,6 +220,8 @@ def problems_of(result: dict[str, Any]) -> list[str]:
     tests = result.get("tests")
     if tests is not None and (tests["failed"] or tests["exit_code"] not in (0, 5)):  # 5: nothing collected
         found.append(f"cuda tests: {tests['failed']} failed (pytest exit {tests['exit_code']})")
+    if result["cuda"] and tests is not None and (tests["skipped"] or not tests["passed"]):
+        found.append(f"cuda tests: {tests['passed']} passed, {tests['skipped']} skipped on a CUDA machine")
     train = result["training"]
     if not train["test_accuracy"] > 2 * train["chance"]:
         found.append(f"training: test accuracy {train['test_accuracy']:.3f} is not above twice chance")

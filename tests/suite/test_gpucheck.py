@@ -98,3 +98,27 @@ def test_gpu_check_writes_what_it_has_when_a_step_fails(tmp_path, capsys):
     assert r["kind"] == "gpu_check" and r["status"] == "error" and "no-such-id" in r["error"]
     assert r["cuda"] is (cuda_missing() is None)
     assert "no-such-id" in capsys.readouterr().err
+
+
+def test_a_cuda_run_is_not_ok_when_its_tests_skipped_or_compute_left_cuda():
+    def result(cuda: bool, skipped: int, off_cuda: bool) -> dict:
+        return {
+            "cuda": cuda,
+            "tests": {"passed": 4 - skipped, "failed": 0, "skipped": skipped, "exit_code": 0},
+            "training": {"test_accuracy": 0.8, "chance": 0.1},
+            "latency": {
+                "provider": "CUDAExecutionProvider" if cuda else CPU,
+                "parity": {"passed": True},
+                "all_compute_on_cuda": not off_cuda,
+                "ops_off_cuda": {"Conv": 3} if off_cuda else {},
+                "memcpy_nodes": 2 if off_cuda else 0,
+                "rows": [{"backend": "ort_cuda", "batch": 1, "status": "ok"}],
+            },
+        }
+
+    assert gpucheck.problems_of(result(cuda=True, skipped=0, off_cuda=False)) == []
+    assert gpucheck.problems_of(result(cuda=False, skipped=4, off_cuda=True)) == []  # --allow-cpu on CPU
+    (skip,) = gpucheck.problems_of(result(cuda=True, skipped=4, off_cuda=False))
+    assert "4 skipped on a CUDA machine" in skip
+    (placement,) = gpucheck.problems_of(result(cuda=True, skipped=0, off_cuda=True))
+    assert "Conv" in placement and "2 Memcpy" in placement
