@@ -13,8 +13,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #       -d DIR 'onnxruntime-gpu>=1.22,<1.33'
-# and any of capsbench's other requirements that `pip show` says are missing there (docker, tqdm, ...). A
-# transfer limit per file? Split a wheel with `split -b 60M` and join it there with `cat`.
+# and any of capsbench's other requirements that `pip show` says are missing there (docker, tqdm, ...). Where
+# a transfer limits file sizes, `split -b 60M` a wheel and join the parts there with `cat` before the call.
 # The data: Fashion-MNIST in ~/.cache/capsbench/data (or --data-dir); `capsbench data fetch` copies it from
 # Debian's dataset-fashion-mnist package, or carry the four *-ubyte.gz files.
 set -euo pipefail

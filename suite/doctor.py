@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-CUDA_PROVIDER = "CUDAExecutionProvider"
+from capsbench.export.sessions import CUDA
 
 
 def _first_line(cmd: list[str], timeout: float = 10) -> str | None:
@@ -39,8 +39,8 @@ def cuda_missing() -> str | None:
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
         missing.append(f"torch {torch.__version__} ({build}) sees no CUDA device")
-    if CUDA_PROVIDER not in ort.get_available_providers():
-        missing.append(f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (install onnxruntime-gpu)")
+    if CUDA not in ort.get_available_providers():
+        missing.append(f"onnxruntime {ort.__version__} has no {CUDA} (install onnxruntime-gpu)")
     return "; ".join(missing) or None
 
 
