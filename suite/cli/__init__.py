@@ -25,6 +25,7 @@ COMMANDS = (
     "report",
     "check",
     "docker",
+    "doctor",
 )
 
 
