@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from capsbench.suite.doctor import cuda_missing, diagnose
     from capsbench.suite.env import environment
     from capsbench.suite.errors import CapsbenchError
-    from capsbench.suite.results import write_json
+    from capsbench.suite.rundir import write_json
 
     args = build_parser().parse_args(argv)
     missing = cuda_missing()

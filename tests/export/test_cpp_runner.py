@@ -34,8 +34,14 @@ from capsbench.suite import data
 
 THREADS = 2
 # A smoke-size net with one intermediate capsule layer: every op kind of the real nets, small enough to be fast.
+# caps_init pinned like tests/export/conftest.py: ten Adam steps at this scale give a net that has learned.
 CONFIG = CapsNetConfig(
-    backbone="sahu", backbone_channels=(16, 32, 64), primary_types=8, primary_dim=8, intermediate=((8, 8),)
+    backbone="sahu",
+    backbone_channels=(16, 32, 64),
+    primary_types=8,
+    primary_dim=8,
+    intermediate=((8, 8),),
+    caps_init="fan_in",
 )
 
 
