@@ -223,6 +223,7 @@ def _time_done(out: Path, settings: TimeSettings, onnx_shas: dict[str, str]) -> 
     except CheckpointError:
         return None
     same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == onnx_shas
+    same = same and all("samples_ms" in r for r in res.get("rows", []) if r.get("status") == "ok")
     return res if same and res.get("status") == "complete" else None
 
 
@@ -307,6 +308,7 @@ def time_config(
         "flops_per_image": flops,
         "gemm": gemm_cache.get(devices[variants[0].name]),
         "environment": {**environment(torch.device("cpu")), **runtime_environment()},
+        "stability_rule": harness.STABILITY_RULE,
         "rows": rows,
     }
     write_json(out / LATENCY_FILE, "latency", result)
