@@ -228,3 +228,14 @@ def test_timing_beside_a_busy_cpu_is_marked_unstable(exported, fashion):
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert [r["stable"] for r in rows] == [False, False], [(r["backend"], r["unstable_reason"]) for r in rows]
     assert all(r["attempts"] == 3 for r in rows)  # repeated, still unstable
+
+
+def test_ort_sessions_do_not_spin_after_a_run_unless_asked(exported):
+    """Spinning pool threads would keep the cores from torch, timed next in the same process (issue 14)."""
+    path = exported["shallow"].path
+    quiet, spinning = make_session(path, "cpu"), make_session(path, "cpu", allow_spinning=True)
+    entry = "session.intra_op.allow_spinning"
+    assert quiet.session.get_session_options().get_session_config_entry(entry) == "0"
+    assert quiet.info["allow_spinning"] is False and spinning.info["allow_spinning"] is True
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: spinning
+        spinning.session.get_session_options().get_session_config_entry(entry)
