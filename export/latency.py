@@ -120,8 +120,9 @@ class _Timer:
                 break
             spent += self.call()
 
-    def time(self, n: int, max_seconds: float | None, min_iters: int) -> None:
-        for _ in range(n):
+    def time(self, n: int, max_seconds: float | None, min_iters: int, until: bool = False) -> None:
+        """n more timed calls (until `n` calls in all with `until`), stopping early past max_seconds."""
+        for _ in range(n - len(self.durations) if until else n):
             if (
                 max_seconds is not None
                 and len(self.durations) >= min_iters
@@ -208,6 +209,7 @@ def sweep(
     *,
     warmup: int = 10,
     iters: int = 100,
+    rounds: int = 5,
     max_seconds: float | None = None,
     min_iters: int = 5,
     retries: int = RETRIES,
@@ -216,45 +218,78 @@ def sweep(
     progress: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict[str, Any]]:
-    """Every backend at every batch size, one flat row each, timed exactly as `time_backend` does.
+    """Every backend at every batch size, one flat row each, timed as `time_backend` does.
 
-    Within a batch size the backends are timed one after the other, each with its own warm-up right before
-    its timed calls, never interleaved: a runtime's thread pool still busy from its last call (ONNX Runtime
-    spinning, OpenMP waiting) would otherwise take the cores from the next runtime's calls (issue 14). Load
-    that changes between the backends shows up in their stability verdicts. A failing backend records its
-    error and the sweep goes on.
+    Within a batch size the timed calls are split into `rounds` and the backends take turns, so a drift in
+    machine speed (a shared CPU) hits them alike and their ratio stays fair. Each turn starts with one
+    untimed call: the first call after another runtime ran pays for waking this runtime's threads and
+    refilling caches (issue 14), and ONNX Runtime sessions do not spin (sessions.make_session), so no
+    runtime's threads are busy while another is timed. Unstable measurements (see `stability`) are timed
+    again, all in turns, at most `retries` times. A failing backend records its error and the sweep goes on.
     """
     rows: list[dict[str, Any]] = []
+    per_round = max(1, -(-iters // max(rounds, 1)))
     for b in batch_sizes:
         x = take_batch(images, b)
-        batch_rows: list[dict[str, Any]] = []
+        batch_rows: dict[str, dict[str, Any]] = {}
+        timers: dict[str, _Timer] = {}
         for name, prepare in backends.items():
-            row: dict[str, Any] = {"backend": name, "batch": b}
+            batch_rows[name] = {"backend": name, "batch": b}
             try:
-                run_fn, sync = prepare(x)
-                stats = time_backend(
-                    run_fn,
-                    warmup,
-                    iters,
-                    sync,
-                    batch=b,
-                    max_seconds=max_seconds,
-                    min_iters=min_iters,
-                    retries=retries,
-                    clock=clock,
-                )
-                row.update(stats, status="ok")
-                if flops_per_image:
-                    row["gflops_per_s"] = flops_per_image * b / (row["p50_ms"] / 1e3) / 1e9
+                timers[name] = _Timer(*prepare(x), clock)
+                timers[name].warm(warmup, max_seconds)
             except Exception as e:  # noqa: BLE001 - the sweep records any backend failure and goes on
-                row.update(status="error", error=_error(e))
-            batch_rows.append(row)
-        add_speedups(batch_rows, reference)
-        for row in batch_rows:
+                timers.pop(name, None)
+                batch_rows[name].update(status="error", error=_error(e))
+        pending, attempts = dict(timers), 0
+        while pending and attempts <= retries:
+            attempts += 1
+            for t in pending.values():
+                t.durations = []
+            _take_turns(pending, iters, per_round, max_seconds, min_iters, batch_rows)
+            for name in list(pending):
+                stats = {**summarize(pending[name].durations, b, pending[name].first), "attempts": attempts}
+                row = batch_rows[name]
+                if "p50_ms" not in row or stats["stable"] or stats["p50_ms"] < row["p50_ms"]:
+                    row.update(stats, status="ok")
+                row["attempts"] = attempts
+                if row["stable"]:
+                    del pending[name]
+        for row in batch_rows.values():
+            if row.get("status") == "ok" and flops_per_image:
+                row["gflops_per_s"] = flops_per_image * b / (row["p50_ms"] / 1e3) / 1e9
+        add_speedups(list(batch_rows.values()), reference)
+        for row in batch_rows.values():
             if progress is not None:
                 progress(_describe(row))
             rows.append(row)
+        del timers, pending
     return rows
+
+
+def _take_turns(
+    timers: dict[str, _Timer],
+    iters: int,
+    per_round: int,
+    max_seconds: float | None,
+    min_iters: int,
+    rows: dict[str, dict[str, Any]],
+) -> None:
+    """Timed calls of every backend in turns of `per_round`, each turn after one untimed call."""
+    while timers and any(len(t.durations) < iters for t in timers.values()):
+        before = {n: len(t.durations) for n, t in timers.items()}
+        for name, timer in list(timers.items()):
+            n = min(per_round, iters - len(timer.durations))
+            if n <= 0:
+                continue
+            try:
+                timer.call()  # untimed: the switch from the other runtime
+                timer.time(len(timer.durations) + n, max_seconds, min_iters, until=True)
+            except Exception as e:  # noqa: BLE001
+                timers.pop(name)
+                rows[name].update(status="error", error=_error(e))
+        if all(len(t.durations) == before[n] for n, t in timers.items()):
+            break  # every backend used up its max_seconds
 
 
 def _error(e: Exception) -> str:

@@ -131,16 +131,29 @@ def test_sweep_records_a_failing_backend_and_goes_on():
     assert "error" in format_table(rows)
 
 
-def test_sweep_times_backends_one_after_another_never_interleaved():
+def test_sweep_takes_turns_each_after_an_untimed_call_so_load_changes_hit_both():
     calls = []
 
     def backend(name):
         return lambda x: ((lambda: calls.append(name)), None)
 
     images = np.zeros((1, 1, 28, 28), np.float32)
-    rows = sweep({"a": backend("a"), "b": backend("b")}, images, [1], warmup=2, iters=4, retries=0)
-    assert calls == ["a"] * 6 + ["b"] * 6  # each backend's warm-up right before its own timed calls
-    assert [r["iters"] for r in rows] == [4, 4]
+    rows = sweep({"a": backend("a"), "b": backend("b")}, images, [1], warmup=2, iters=4, rounds=2, retries=0)
+    # warm-up, then 2 turns each of one untimed call (the switch from the other runtime) and 2 timed ones
+    assert calls == ["a", "a", "b", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert [r["iters"] for r in rows] == [4, 4] and [r["attempts"] for r in rows] == [1, 1]
+
+
+def test_sweep_retimes_only_the_unstable_backend_in_turns():
+    clock = FakeClock()
+    steady = lambda x: ((lambda: clock.advance(0.002)), None)  # noqa: E731
+    jitter = iter([0.001, 0.004] * 100)
+    noisy = lambda x: ((lambda: clock.advance(next(jitter))), None)  # noqa: E731
+    images = np.zeros((1, 1, 28, 28), np.float32)
+    rows = sweep({"steady": steady, "noisy": noisy}, images, [1], warmup=1, iters=10, retries=2, clock=clock)
+    by = {r["backend"]: r for r in rows}
+    assert by["steady"]["stable"] and by["steady"]["attempts"] == 1
+    assert not by["noisy"]["stable"] and by["noisy"]["attempts"] == 3 and by["noisy"]["unstable_reason"]
 
 
 def test_take_batch_cycles_through_fewer_images():
