@@ -8,7 +8,9 @@ never as a regression; rows without raw samples (timed by older code) are "not g
 
 Which latency figures are gated:
 - ONNX Runtime's speedup over torch eager, a ratio measured within each run (machine-normalised);
-- on the same machine: absolute p50 of every backend;
+- on the same machine: absolute p50 of every backend, reported with its noise but gated only with
+  `gate_absolute` (status 'info' otherwise): between processes the whole machine's speed shifts by more than
+  the noise one run can measure;
 - on different machines: each row's fraction of the fp32 GEMM rate measured in the same run
   (machine-normalised), instead of absolute times.
 """
@@ -35,6 +37,9 @@ class Tolerances:
     inactive_rise: int = 0  # routed capsules
     speedup_drop: float = 0.20  # relative fall of a same-run ratio (speedup over eager, GEMM-rate fraction)
     latency_rise: float = 0.25  # relative rise of p50, same machine only
+    # Absolute p50 is only reported unless asked for: on a shared VM whole processes ran 1.4-1.6x slower
+    # than others on the same machine with tight in-run spreads (issue 14), a shift no in-run noise shows.
+    gate_absolute: bool = False
 
 
 def machine_fingerprint(env: dict[str, Any]) -> tuple:
@@ -183,14 +188,20 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
             )
         if same_machine:
             for key in shared:
+                verdict = latency_gate(
+                    [(cr[key], 1), (br[key], -1)], tol.latency_rise, higher_is_better=False
+                )
+                if not tol.gate_absolute and verdict["status"] in ("ok", "regressed"):
+                    verdict["status"] = "info"
                 gate(
                     c["id"],
                     f"p50_ms[{_key(key)}]",
                     br[key]["p50_ms"],
                     cr[key]["p50_ms"],
                     f"+{int(tol.latency_rise * 100)}%",
-                    latency_gate([(cr[key], 1), (br[key], -1)], tol.latency_rise, higher_is_better=False),
-                    "absolute p50, same machine",
+                    verdict,
+                    "absolute p50, same machine"
+                    + ("" if tol.gate_absolute else ", not gated (--gate-absolute)"),
                 )
         else:
             bg, cg = (b.get("latency") or {}).get("gemm") or {}, (c.get("latency") or {}).get("gemm") or {}

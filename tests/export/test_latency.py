@@ -19,7 +19,7 @@ from capsbench.export.latency import (
     torch_backend,
 )
 from capsbench.export.sessions import default_threads
-from capsbench.reports.compare import compare_runs
+from capsbench.reports.compare import Tolerances, compare_runs
 
 
 class FakeClock:
@@ -218,11 +218,12 @@ def test_check_flags_a_real_slowdown_and_not_a_second_same_config_measurement(ex
     again = _run_folder(tmp_path / "again", _sweep_shallow(exported, fashion))
     slow = _run_folder(tmp_path / "slow", _sweep_shallow(exported, fashion, slow_ort_s=0.003))
 
-    same = compare_runs(again, base)
+    absolute = Tolerances(gate_absolute=True)  # within one process: no machine-wide shift between runs
+    same = compare_runs(again, base, absolute)
     assert same["same_machine"] and same["regressions"] == []
     assert set(_latency_verdicts(same).values()) <= {"ok", "unstable"}
 
-    verdicts = _latency_verdicts(compare_runs(slow, base))
+    verdicts = _latency_verdicts(compare_runs(slow, base, absolute))
     for batch in (1, 8):  # 3 ms more per call: ORT's p50 and its speedup over eager both regressed
         for metric in (f"p50_ms[model/ort_cpu/{batch}]", f"speedup_vs_eager[model/ort_cpu/{batch}]"):
             assert verdicts[metric] in ("regressed", "unstable"), (metric, verdicts)

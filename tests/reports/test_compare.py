@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from capsbench.reports.compare import compare_runs, ratio_interval
+from capsbench.reports.compare import Tolerances, compare_runs, ratio_interval
 from capsbench.suite.cli import main
 
+ABSOLUTE = Tolerances(gate_absolute=True)
 CONFIG = "cfg0"
 MACHINE = {"cpu": "Test CPU", "cpu_threads": 2, "gpu": None}
 
@@ -86,21 +87,19 @@ def test_noise_alone_is_not_flagged(tmp_path, seed):
 
 
 def test_a_real_slowdown_beyond_the_tolerance_is_flagged(tmp_path):
-    result = compare_runs(*two_runs(tmp_path, ort_scale=1.6))
+    runs = two_runs(tmp_path, ort_scale=1.6)
+    speedups = {"speedup_vs_eager[model/ort_cpu/1]", "speedup_vs_eager[model/ort_cpu/8]"}
+    assert {ch["metric"] for ch in compare_runs(*runs)["regressions"]} == speedups
+    result = compare_runs(*runs, ABSOLUTE)
     flagged = {ch["metric"] for ch in result["regressions"]}
-    assert flagged == {
-        "speedup_vs_eager[model/ort_cpu/1]",
-        "speedup_vs_eager[model/ort_cpu/8]",
-        "p50_ms[model/ort_cpu/1]",
-        "p50_ms[model/ort_cpu/8]",
-    }
+    assert flagged == speedups | {"p50_ms[model/ort_cpu/1]", "p50_ms[model/ort_cpu/8]"}
     ch = result["regressions"][0]
     assert ch["ci"][1] < 1 - result["tolerances"]["speedup_drop"]
     assert ch["gate"] == "ratio to torch eager in the same run"
 
 
 def test_a_real_shift_within_the_tolerance_is_not_flagged(tmp_path):
-    result = compare_runs(*two_runs(tmp_path, ort_scale=1.1))
+    result = compare_runs(*two_runs(tmp_path, ort_scale=1.1), ABSOLUTE)
     assert result["regressions"] == []
     assert all(
         ch["ci"][0] > 1.0 for ch in latency_checks(result) if ch["metric"].startswith("p50_ms[model/ort")
@@ -113,9 +112,17 @@ def test_a_large_change_within_wide_noise_is_not_flagged(tmp_path):
     wide = [_row("ort_cpu", 1, rng.lognormal(0.0, 0.7, 12))]
     base = make_run(tmp_path / "base", wide)
     cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, rng.lognormal(np.log(1.4), 0.7, 12))])
-    result = compare_runs(cur, base)
+    result = compare_runs(cur, base, ABSOLUTE)
     (ch,) = latency_checks(result)
     assert ch["current"] > ch["baseline"] * 1.25 and ch["status"] == "ok"
+
+
+def test_a_whole_machine_slowdown_is_reported_not_gated_unless_absolute_gating_is_asked_for(tmp_path):
+    runs = two_runs(tmp_path, ort_scale=1.5, eager_scale=1.5)  # both runtimes alike: the same-run ratio holds
+    result = compare_runs(*runs)
+    assert result["regressions"] == [] and result["ok"]
+    assert {ch["status"] for ch in latency_checks(result) if ch["metric"].startswith("p50_ms")} == {"info"}
+    assert len(compare_runs(*runs, ABSOLUTE)["regressions"]) == 4
 
 
 def test_an_unstable_measurement_is_reported_not_gated(tmp_path):
@@ -133,7 +140,7 @@ def test_rows_without_raw_samples_are_not_gated(tmp_path):
     del old["samples_ms"], old["stable"]  # latency.json written before samples were kept
     base = make_run(tmp_path / "base", [old])
     cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, samples(rng, 3.0))])
-    (ch,) = latency_checks(compare_runs(cur, base))
+    (ch,) = latency_checks(compare_runs(cur, base, ABSOLUTE))
     assert ch["status"] == "not_gated"
 
 
@@ -156,7 +163,7 @@ def test_across_machines_only_machine_normalised_figures_are_gated(tmp_path):
 
 def test_check_prints_both_values_the_tolerance_and_the_noise(tmp_path, capsys):
     cur, base = two_runs(tmp_path, ort_scale=1.6)
-    assert main(["check", str(cur), "--baseline", str(base)]) == 1
+    assert main(["check", str(cur), "--baseline", str(base), "--gate-absolute"]) == 1
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "p50_ms[model/ort_cpu/8]" in ln)
     assert line.startswith("REGRESSED") and "tolerance +25%" in line and "95% interval" in line
