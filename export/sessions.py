@@ -186,7 +186,11 @@ class OrtSession:
 
 
 def _session_options(
-    threads: int, opt_level: str, optimized_model_path: str | Path | None, profile_prefix: str | None
+    threads: int,
+    opt_level: str,
+    optimized_model_path: str | Path | None,
+    profile_prefix: str | None,
+    allow_spinning: bool = False,
 ) -> ort.SessionOptions:
     if opt_level not in OPT_LEVELS:
         raise SessionError(f"unknown opt_level {opt_level!r}; choose one of {', '.join(OPT_LEVELS)}")
@@ -195,6 +199,11 @@ def _session_options(
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1  # a chain of ops: parallelism is inside each op
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not allow_spinning:
+        # Idle pool threads sleep instead of spinning after each run: spinning threads keep the cores busy
+        # while torch runs next in the same process, which slowed torch eager's timings (issue 14).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
     if profile_prefix is not None:
@@ -212,6 +221,7 @@ def make_session(
     cuda_graph: bool = False,
     cuda_options: dict[str, Any] | None = None,
     _profile_prefix: str | None = None,
+    allow_spinning: bool = False,
 ) -> OrtSession:
     """An ONNX Runtime session for an ONNX file.
 
@@ -219,6 +229,8 @@ def make_session(
     onnxruntime has it and a GPU is present, else CPU; a CUDA attempt that falls back is recorded in
     info['fallback']). threads: CPU intra-op threads (default: this process's cores). cuda_graph: capture
     the whole graph on the first run (needs every node on CUDA and fixed IOBinding buffers: use `runner`).
+    allow_spinning: let idle CPU pool threads spin between runs (ORT's default; off here so that the threads
+    leave the cores to whatever runs next, e.g. torch in the timing sweep).
     """
     path = Path(path)
     if provider not in PROVIDERS:
@@ -243,7 +255,7 @@ def make_session(
     if cuda_graph and not want.graphs:
         raise SessionError("CUDA graphs need the CUDA provider; drop cuda_graph or use provider='cuda'")
 
-    so = _session_options(threads, opt_level, optimized_model_path, _profile_prefix)
+    so = _session_options(threads, opt_level, optimized_model_path, _profile_prefix, allow_spinning)
     providers: list[Any] = [CPU]
     opts: dict[str, Any] = {}
     if want.ort_name != CPU:
@@ -284,6 +296,7 @@ def make_session(
         "fallback": fallback,
         "threads": threads if used == CPU else None,
         "opt_level": opt_level,
+        "allow_spinning": allow_spinning,
         "cuda_graph": bool(cuda_graph and used == CUDA),
         "cuda_options": opts if used == CUDA else None,
         "provider_options": opts if used != CPU else None,

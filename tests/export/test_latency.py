@@ -1,11 +1,25 @@
 """The timing harness: statistics on a known sequence of durations, sync inside the timed region, a sweep
 that records a failing backend and goes on, real ORT and torch side by side."""
 
+import json
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
 from capsbench.export import make_session, summarize, sweep, time_backend
-from capsbench.export.latency import format_table, ort_backend, runtime_environment, take_batch, torch_backend
+from capsbench.export.latency import (
+    format_table,
+    ort_backend,
+    runtime_environment,
+    stability,
+    take_batch,
+    torch_backend,
+)
+from capsbench.export.sessions import default_threads
+from capsbench.reports.compare import Tolerances, compare_runs
 
 
 class FakeClock:
@@ -30,8 +44,10 @@ def test_statistics_of_a_known_sequence_of_durations():
     clock = FakeClock()
     first, warm = 0.5, [0.1, 0.1]
     timed = [i / 1000 for i in range(1, 101)]  # 1..100 ms
-    stats = time_backend(scripted(clock, [first, *warm, *timed]), warmup=3, iters=100, batch=8, clock=clock)
-    assert stats["iters"] == 100
+    stats = time_backend(
+        scripted(clock, [first, *warm, *timed]), warmup=3, iters=100, batch=8, retries=0, clock=clock
+    )
+    assert stats["iters"] == stats["n"] == 100 and stats["attempts"] == 1
     assert stats["first_run_ms"] == pytest.approx(500)
     assert stats["min_ms"] == pytest.approx(1) and stats["max_ms"] == pytest.approx(100)
     assert stats["p50_ms"] == pytest.approx(50.5)
@@ -40,6 +56,33 @@ def test_statistics_of_a_known_sequence_of_durations():
     assert stats["mean_ms"] == pytest.approx(50.5)
     assert stats["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
     assert stats["throughput_ips"] == pytest.approx(8 / 0.0505)
+    assert stats["iqr_ms"] == pytest.approx(49.5) and stats["iqr_rel"] == pytest.approx(49.5 / 50.5)
+    assert stats["cv"] == pytest.approx(stats["std_ms"] / 50.5)
+    assert stats["samples_ms"] == pytest.approx(list(range(1, 101)))  # the raw samples, for rank tests
+    assert stats["stable"] is False and "IQR/median" in stats["unstable_reason"]
+
+
+def test_a_tight_spread_is_stable_and_a_median_far_above_the_minimum_is_not():
+    assert stability([1.0, 1.01, 1.02, 0.99, 1.0, 1.3])[0]
+    # every call but one slowed alike (contention throughout): a tight IQR, yet far from what the code can do
+    stable, why = stability([0.5, 2.0, 2.01, 2.02, 2.0, 2.01])
+    assert not stable and "median/min" in why
+    assert not stability([1.0, 1.0, 1.0])[0]  # too few samples to judge
+
+
+def test_an_unstable_measurement_is_timed_again_and_a_stable_attempt_kept():
+    clock = FakeClock()
+    noisy = [0.001, 0.004] * 5
+    stats = time_backend(scripted(clock, [0.001, *noisy, *[0.002] * 10]), warmup=1, iters=10, clock=clock)
+    assert stats["attempts"] == 2 and stats["stable"] is True
+    assert stats["p50_ms"] == pytest.approx(2) and stats["samples_ms"] == pytest.approx([2] * 10)
+
+
+def test_a_measurement_still_unstable_after_its_retries_is_marked_so():
+    clock = FakeClock()
+    noisy = [0.001, 0.004] * 15
+    stats = time_backend(scripted(clock, [0.001, *noisy]), warmup=1, iters=10, retries=2, clock=clock)
+    assert stats["attempts"] == 3 and stats["stable"] is False and stats["unstable_reason"]
 
 
 def test_sync_runs_inside_every_timed_call():
@@ -88,16 +131,29 @@ def test_sweep_records_a_failing_backend_and_goes_on():
     assert "error" in format_table(rows)
 
 
-def test_sweep_alternates_backends_in_rounds_so_load_changes_hit_both():
+def test_sweep_takes_turns_each_after_an_untimed_call_so_load_changes_hit_both():
     calls = []
 
     def backend(name):
         return lambda x: ((lambda: calls.append(name)), None)
 
     images = np.zeros((1, 1, 28, 28), np.float32)
-    rows = sweep({"a": backend("a"), "b": backend("b")}, images, [1], warmup=1, iters=4, rounds=2)
-    assert calls == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]  # first runs, then 2 rounds of 2
-    assert [r["iters"] for r in rows] == [4, 4]
+    rows = sweep({"a": backend("a"), "b": backend("b")}, images, [1], warmup=2, iters=4, rounds=2, retries=0)
+    # warm-up, then 2 turns each of one untimed call (the switch from the other runtime) and 2 timed ones
+    assert calls == ["a", "a", "b", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert [r["iters"] for r in rows] == [4, 4] and [r["attempts"] for r in rows] == [1, 1]
+
+
+def test_sweep_retimes_only_the_unstable_backend_in_turns():
+    clock = FakeClock()
+    steady = lambda x: ((lambda: clock.advance(0.002)), None)  # noqa: E731
+    jitter = iter([0.001, 0.004] * 100)
+    noisy = lambda x: ((lambda: clock.advance(next(jitter))), None)  # noqa: E731
+    images = np.zeros((1, 1, 28, 28), np.float32)
+    rows = sweep({"steady": steady, "noisy": noisy}, images, [1], warmup=1, iters=10, retries=2, clock=clock)
+    by = {r["backend"]: r for r in rows}
+    assert by["steady"]["stable"] and by["steady"]["attempts"] == 1
+    assert not by["noisy"]["stable"] and by["noisy"]["attempts"] == 3 and by["noisy"]["unstable_reason"]
 
 
 def test_take_batch_cycles_through_fewer_images():
@@ -121,3 +177,79 @@ def test_environment_names_cpu_threads_and_runtime_versions():
     env = runtime_environment()
     for key in ("cpu", "cpu_cores", "torch", "torch_threads", "onnxruntime", "ort_available_providers"):
         assert env[key] not in (None, "")
+
+
+# ------------------------------------------------------------------- real timings: stability and check's gates
+
+
+def _sweep_shallow(exported, fashion, slow_ort_s=0.0, batch_sizes=(1, 8)):
+    """ORT and torch eager on the shallow net; `slow_ort_s` is a test hook adding a fixed sleep per ORT call."""
+    e = exported["shallow"]
+    ort_prepare = ort_backend(make_session(e.path, "cpu"))
+
+    def slowed(x):
+        run, sync = ort_prepare(x)
+        return (lambda: (time.sleep(slow_ort_s), run())), sync
+
+    backends = {"ort_cpu": slowed if slow_ort_s else ort_prepare, "torch_eager": torch_backend(e.model)}
+    return sweep(backends, fashion["test_x"].numpy(), batch_sizes, warmup=5, iters=40, max_seconds=5)
+
+
+def _run_folder(root, rows):
+    """A run folder as the time stage writes it (only what `capsbench check` reads of latency)."""
+
+    def write(path, kind, data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"schema_version": 1, "kind": kind, **data}))
+
+    write(root / "run.json", "run", {"environment": runtime_environment()})
+    write(root / "cfg" / "config.json", "config", {"config_id": "cfg", "label": "shallow", "config": {}})
+    rows = [{"variant": "model", **r} for r in rows]
+    write(root / "cfg" / "latency.json", "latency", {"status": "complete", "rows": rows})
+    return root
+
+
+def _latency_verdicts(result):
+    return {ch["metric"]: ch["status"] for ch in result["checks"] if "noise" in ch}
+
+
+def test_check_flags_a_real_slowdown_and_not_a_second_same_config_measurement(exported, fashion, tmp_path):
+    base = _run_folder(tmp_path / "base", _sweep_shallow(exported, fashion))
+    again = _run_folder(tmp_path / "again", _sweep_shallow(exported, fashion))
+    slow = _run_folder(tmp_path / "slow", _sweep_shallow(exported, fashion, slow_ort_s=0.003))
+
+    absolute = Tolerances(gate_absolute=True)  # within one process: no machine-wide shift between runs
+    same = compare_runs(again, base, absolute)
+    assert same["same_machine"] and same["regressions"] == []
+    assert set(_latency_verdicts(same).values()) <= {"ok", "unstable"}
+
+    verdicts = _latency_verdicts(compare_runs(slow, base, absolute))
+    for batch in (1, 8):  # 3 ms more per call: ORT's p50 and its speedup over eager both regressed
+        for metric in (f"p50_ms[model/ort_cpu/{batch}]", f"speedup_vs_eager[model/ort_cpu/{batch}]"):
+            assert verdicts[metric] in ("regressed", "unstable"), (metric, verdicts)
+    assert "regressed" in verdicts.values()
+
+
+def test_timing_beside_a_busy_cpu_is_marked_unstable(exported, fashion):
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(default_threads())]
+    try:
+        time.sleep(0.5)  # the competitors are running
+        rows = _sweep_shallow(exported, fashion, batch_sizes=(8,))
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["stable"] for r in rows] == [False, False], [(r["backend"], r["unstable_reason"]) for r in rows]
+    assert all(r["attempts"] == 3 for r in rows)  # repeated, still unstable
+
+
+def test_ort_sessions_do_not_spin_after_a_run_unless_asked(exported):
+    """Spinning pool threads would keep the cores from torch, timed next in the same process (issue 14)."""
+    path = exported["shallow"].path
+    quiet, spinning = make_session(path, "cpu"), make_session(path, "cpu", allow_spinning=True)
+    entry = "session.intra_op.allow_spinning"
+    assert quiet.session.get_session_options().get_session_config_entry(entry) == "0"
+    assert quiet.info["allow_spinning"] is False and spinning.info["allow_spinning"] is True
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: spinning
+        spinning.session.get_session_options().get_session_config_entry(entry)

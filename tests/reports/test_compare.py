@@ -1,0 +1,171 @@
+"""`capsbench check`'s latency gates on synthetic sample sets: a real shift beyond the tolerance is flagged,
+noise and shifts within the tolerance are not, unstable or sample-less measurements are never regressions,
+and machine-normalised figures replace absolute times across machines."""
+
+import json
+
+import numpy as np
+import pytest
+
+from capsbench.reports.compare import Tolerances, compare_runs, ratio_interval
+from capsbench.suite.cli import main
+
+ABSOLUTE = Tolerances(gate_absolute=True)
+CONFIG = "cfg0"
+MACHINE = {"cpu": "Test CPU", "cpu_threads": 2, "gpu": None}
+
+
+def _write(path, kind, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema_version": 1, "kind": kind, **data}))
+
+
+def _row(backend, batch, samples, stable=True):
+    s = np.asarray(samples)
+    return {
+        "variant": "model",
+        "backend": backend,
+        "batch": batch,
+        "status": "ok",
+        "p50_ms": float(np.median(s)),
+        "gemm_fraction": 1.0 / float(np.median(s)),
+        "stable": stable,
+        "samples_ms": s.tolist(),
+    }
+
+
+def make_run(root, rows, machine=MACHINE, gemm_samples=None):
+    """A run folder with one config whose latency.json holds `rows`."""
+    _write(root / "run.json", "run", {"environment": machine})
+    _write(root / CONFIG / "config.json", "config", {"config_id": CONFIG, "label": "test", "config": {}})
+    gemm = {"p50_ms": 1.0, "samples_ms": list(gemm_samples if gemm_samples is not None else [1.0] * 5)}
+    _write(root / CONFIG / "latency.json", "latency", {"status": "complete", "rows": rows, "gemm": gemm})
+    return root
+
+
+def samples(rng, median_ms, n=50, spread=0.03):
+    """Timed calls around `median_ms`: lognormal jitter plus a few slow outliers, as a quiet CPU gives."""
+    s = median_ms * rng.lognormal(0.0, spread, n)
+    s[rng.choice(n, 3, replace=False)] *= 3
+    return s
+
+
+def two_runs(tmp_path, ort_scale=1.0, eager_scale=1.0, spread=0.03, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+
+    def rows(o, e):
+        return [
+            _row(backend, b, samples(rng, med * b * scale, spread=spread))
+            for b in (1, 8)
+            for backend, med, scale in (("ort_cpu", 0.3, o), ("torch_eager", 0.6, e))
+        ]
+
+    base = make_run(tmp_path / "base", rows(1.0, 1.0), **kw)
+    cur = make_run(tmp_path / "cur", rows(ort_scale, eager_scale), **kw)
+    return cur, base
+
+
+def latency_checks(result):
+    return [ch for ch in result["checks"] if "noise" in ch]
+
+
+def test_ratio_interval_covers_the_ratio_of_medians():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(10, 0.5, 200), rng.normal(5, 0.5, 200)
+    point, low, high = ratio_interval([(a, 1), (b, -1)])
+    assert point == pytest.approx(np.median(a) / np.median(b))
+    assert low < point < high and high - low < 0.2
+    assert ratio_interval([(a, 1), (b, -1)]) == (point, low, high)  # seeded: same verdicts every time
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_noise_alone_is_not_flagged(tmp_path, seed):
+    result = compare_runs(*two_runs(tmp_path, seed=seed))
+    checks = latency_checks(result)
+    assert len(checks) == 2 + 4  # speedup at 2 batches, p50 of 2 backends at 2 batches
+    assert result["regressions"] == [] and result["ok"]
+
+
+def test_a_real_slowdown_beyond_the_tolerance_is_flagged(tmp_path):
+    runs = two_runs(tmp_path, ort_scale=1.6)
+    speedups = {"speedup_vs_eager[model/ort_cpu/1]", "speedup_vs_eager[model/ort_cpu/8]"}
+    assert {ch["metric"] for ch in compare_runs(*runs)["regressions"]} == speedups
+    result = compare_runs(*runs, ABSOLUTE)
+    flagged = {ch["metric"] for ch in result["regressions"]}
+    assert flagged == speedups | {"p50_ms[model/ort_cpu/1]", "p50_ms[model/ort_cpu/8]"}
+    ch = result["regressions"][0]
+    assert ch["ci"][1] < 1 - result["tolerances"]["speedup_drop"]
+    assert ch["gate"] == "ratio to torch eager in the same run"
+
+
+def test_a_real_shift_within_the_tolerance_is_not_flagged(tmp_path):
+    result = compare_runs(*two_runs(tmp_path, ort_scale=1.1), ABSOLUTE)
+    assert result["regressions"] == []
+    assert all(
+        ch["ci"][0] > 1.0 for ch in latency_checks(result) if ch["metric"].startswith("p50_ms[model/ort")
+    )
+
+
+def test_a_large_change_within_wide_noise_is_not_flagged(tmp_path):
+    # medians 40% apart, but each measurement scatters by a factor of 2: the interval spans the tolerance
+    rng = np.random.default_rng(3)
+    wide = [_row("ort_cpu", 1, rng.lognormal(0.0, 0.7, 12))]
+    base = make_run(tmp_path / "base", wide)
+    cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, rng.lognormal(np.log(1.4), 0.7, 12))])
+    result = compare_runs(cur, base, ABSOLUTE)
+    (ch,) = latency_checks(result)
+    assert ch["current"] > ch["baseline"] * 1.25 and ch["status"] == "ok"
+
+
+def test_a_whole_machine_slowdown_is_reported_not_gated_unless_absolute_gating_is_asked_for(tmp_path):
+    runs = two_runs(tmp_path, ort_scale=1.5, eager_scale=1.5)  # both runtimes alike: the same-run ratio holds
+    result = compare_runs(*runs)
+    assert result["regressions"] == [] and result["ok"]
+    assert {ch["status"] for ch in latency_checks(result) if ch["metric"].startswith("p50_ms")} == {"info"}
+    assert len(compare_runs(*runs, ABSOLUTE)["regressions"]) == 4
+
+
+def test_an_unstable_measurement_is_reported_not_gated(tmp_path):
+    rng = np.random.default_rng(0)
+    base = make_run(tmp_path / "base", [_row("ort_cpu", 1, samples(rng, 0.3))])
+    cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, samples(rng, 3.0), stable=False)])
+    result = compare_runs(cur, base)
+    (ch,) = latency_checks(result)
+    assert ch["status"] == "unstable" and result["regressions"] == [] and result["not_gated"] == [ch]
+
+
+def test_rows_without_raw_samples_are_not_gated(tmp_path):
+    rng = np.random.default_rng(0)
+    old = _row("ort_cpu", 1, samples(rng, 0.3))
+    del old["samples_ms"], old["stable"]  # latency.json written before samples were kept
+    base = make_run(tmp_path / "base", [old])
+    cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, samples(rng, 3.0))])
+    (ch,) = latency_checks(compare_runs(cur, base, ABSOLUTE))
+    assert ch["status"] == "not_gated"
+
+
+def test_across_machines_only_machine_normalised_figures_are_gated(tmp_path):
+    other = {**MACHINE, "cpu": "Another CPU"}
+    rng = np.random.default_rng(0)
+    base = make_run(tmp_path / "base", [_row("ort_cpu", 1, samples(rng, 0.3))], machine=other)
+    # the other machine is twice as slow on everything, GEMM included: nothing regressed
+    cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, samples(rng, 0.6))], gemm_samples=[2.0] * 5)
+    result = compare_runs(cur, base)
+    assert not result["same_machine"]
+    (ch,) = latency_checks(result)
+    assert ch["metric"] == "gemm_fraction[model/ort_cpu/1]"
+    assert ch["gate"] == "fraction of the GEMM rate measured in the same run" and ch["status"] == "ok"
+    # the same slowdown with an unchanged GEMM rate is the code's: flagged
+    cur = make_run(tmp_path / "cur2", [_row("ort_cpu", 1, samples(rng, 0.6))])
+    (ch,) = latency_checks(compare_runs(cur, base))
+    assert ch["status"] == "regressed"
+
+
+def test_check_prints_both_values_the_tolerance_and_the_noise(tmp_path, capsys):
+    cur, base = two_runs(tmp_path, ort_scale=1.6)
+    assert main(["check", str(cur), "--baseline", str(base), "--gate-absolute"]) == 1
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "p50_ms[model/ort_cpu/8]" in ln)
+    assert line.startswith("REGRESSED") and "tolerance +25%" in line and "95% interval" in line
+    assert "->" in line and "absolute p50, same machine" in line
+    assert "4 regressions" in out
