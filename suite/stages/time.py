@@ -53,7 +53,9 @@ def finished_latency(path: Path, settings: TimeSettings, onnx_shas: dict[str, st
         return None
     same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == onnx_shas
     # Rows from before the raw samples were kept cannot be gated on noise: time them again.
-    same = same and all("samples_ms" in r for r in res.get("rows", []) if r.get("status") == "ok")
+    # (The C++ runner's rows carry no raw samples yet.)
+    python_rows = [r for r in res.get("rows", []) if not str(r.get("backend", "")).startswith("ort_cpp")]
+    same = same and all("samples_ms" in r for r in python_rows if r.get("status") == "ok")
     return res if same and res.get("status") == "complete" else None
 
 
