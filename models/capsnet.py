@@ -8,32 +8,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsbench.models.config import CapsNetConfig
+from capsbench.models.config import BACKBONE_SPECS, CapsNetConfig, ConvSpec
 from capsbench.models.layers import CapsLayer, PrimaryCaps, capsule_length
 
 
-def conv_bn_relu(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
+def conv_block(in_ch: int, out_ch: int, spec: ConvSpec) -> nn.Sequential:
+    """Conv (+ BatchNorm, without the conv's bias) + ReLU, as the backbone's spec says."""
+    conv = nn.Conv2d(
+        in_ch, out_ch, spec.kernel, stride=spec.stride, padding=spec.padding, bias=not spec.batchnorm
     )
+    if spec.batchnorm:
+        return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+    return nn.Sequential(conv, nn.ReLU(inplace=True))
 
 
 def build_backbone(cfg: CapsNetConfig) -> tuple[nn.Sequential, PrimaryCaps]:
-    """The conv layers and the PrimaryCaps conv for the config's backbone."""
-    chans = cfg.conv_channels
-    if cfg.backbone == "sahu":
-        strides = (1, 2, 1)
-        layers, prev = [], cfg.in_channels
-        for ch, stride in zip(chans, strides, strict=True):
-            layers.append(conv_bn_relu(prev, ch, stride))
-            prev = ch
-        primary = PrimaryCaps(prev, cfg.primary_types, cfg.primary_dim, 3, 2, cfg.primary_layout)
-        return nn.Sequential(*layers), primary
-    backbone = nn.Sequential(nn.Sequential(nn.Conv2d(cfg.in_channels, chans[0], 9), nn.ReLU(inplace=True)))
-    primary = PrimaryCaps(chans[0], cfg.primary_types, cfg.primary_dim, 9, 2, cfg.primary_layout)
-    return backbone, primary
+    """The conv layers and the PrimaryCaps conv for the config's backbone (see `BACKBONE_SPECS`)."""
+    spec = BACKBONE_SPECS[cfg.backbone]
+    layers, prev = [], cfg.in_channels
+    for ch, conv in zip(cfg.conv_channels, spec.convs, strict=True):
+        layers.append(conv_block(prev, ch, conv))
+        prev = ch
+    p = spec.primary
+    primary = PrimaryCaps(prev, cfg.primary_types, cfg.primary_dim, p.kernel, p.stride, cfg.primary_layout)
+    return nn.Sequential(*layers), primary
 
 
 class Decoder(nn.Module):

@@ -11,7 +11,51 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-BACKBONES = ("sahu", "sabour")
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution of a backbone (or the PrimaryCaps conv): kernel, stride, padding, BatchNorm or bias."""
+
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    batchnorm: bool = False
+
+    def out_size(self, size: int) -> int:
+        return (size + 2 * self.padding - self.kernel) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A conv backbone in front of PrimaryCaps: its convs, its PrimaryCaps conv and its default widths.
+
+    `follow_p` gives each conv's width as a fraction of P = primary_types x primary_dim (the paper's code).
+    Adding a backbone is one entry in `BACKBONE_SPECS`; the builder, the grid size and the widths read it.
+    """
+
+    convs: tuple[ConvSpec, ...]
+    primary: ConvSpec
+    fixed_channels: tuple[int, ...]
+    follow_p: tuple[float, ...]
+
+    def channels_for(self, p: int) -> tuple[int, ...]:
+        return tuple(max(int(p * f), 1) for f in self.follow_p)
+
+
+BACKBONE_SPECS: dict[str, BackboneSpec] = {
+    # The paper's code: three 3x3 Conv+BN+ReLU (P/4, P/2, P; strides 1, 2, 1), PrimaryCaps 3x3 stride 2.
+    "sahu": BackboneSpec(
+        convs=(ConvSpec(3, 1, 1, True), ConvSpec(3, 2, 1, True), ConvSpec(3, 1, 1, True)),
+        primary=ConvSpec(3, 2),
+        fixed_channels=(48, 96, 192),
+        follow_p=(0.25, 0.5, 1.0),
+    ),
+    # Sabour et al. 2017: one 9x9 conv with ReLU, PrimaryCaps 9x9 stride 2.
+    "sabour": BackboneSpec(
+        convs=(ConvSpec(9),), primary=ConvSpec(9, 2), fixed_channels=(256,), follow_p=(1.0,)
+    ),
+}
+BACKBONES = tuple(BACKBONE_SPECS)
 PRIMARY_LAYOUTS = ("sabour", "flat")
 # Initial scale of the routed capsule layers' transformation weights (see capsbench.models.layers.caps_init_std).
 CAPS_INITS = ("authors", "fan_in", "coupled")
@@ -86,10 +130,10 @@ class CapsNetConfig:
 
     def default_channels(self) -> tuple[int, ...]:
         """The backbone's channels when `backbone_channels` is empty (see BACKBONE_WIDTHS)."""
+        spec = BACKBONE_SPECS[self.backbone]
         if self.backbone_width == "follow_p":
-            p = self.primary_channels
-            return (max(p // 4, 1), max(p // 2, 1), p) if self.backbone == "sahu" else (p,)
-        return (48, 96, 192) if self.backbone == "sahu" else (256,)
+            return spec.channels_for(self.primary_channels)
+        return spec.fixed_channels
 
     @property
     def conv_channels(self) -> tuple[int, ...]:
@@ -102,12 +146,11 @@ class CapsNetConfig:
     @property
     def primary_grid(self) -> int:
         """Side of the primary capsule grid for this input size."""
+        spec = BACKBONE_SPECS[self.backbone]
         size = self.image_size
-        if self.backbone == "sahu":
-            size = (size + 2 - 3) // 2 + 1  # conv2: 3x3, stride 2, padding 1 (conv1, conv3 keep the size)
-            return (size - 3) // 2 + 1  # PrimaryCaps: 3x3, stride 2, no padding
-        size = size - 9 + 1  # conv1: 9x9, stride 1
-        return (size - 9) // 2 + 1  # PrimaryCaps: 9x9, stride 2
+        for conv in (*spec.convs, spec.primary):
+            size = conv.out_size(size)
+        return size
 
     @property
     def num_primary_caps(self) -> int:
