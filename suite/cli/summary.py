@@ -25,7 +25,7 @@ COLUMNS = (
     ("ort_p50_ms", ("ORT p50", "ms"), 8, ">"),
     ("speedup", ("vs", "eager"), 6, ">"),
     ("timing", ("timing", ""), 8, "<"),
-    ("failed", ("failed", "stages"), 8, "<"),
+    ("failed", ("failed", "stages"), 12, "<"),
     ("label", ("label", ""), 0, "<"),
 )
 
@@ -100,6 +100,8 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
     """One dict per model (each config's trained net, then its pruned nets) with the table's raw values:
     fractions as fractions, times in ms, None where a result file or field is missing."""
     run_dir = Path(run_dir)
+    if ids is None and not run_dir.is_dir():
+        return []
     rows = []
     for cfg_id in config_ids(run_dir) if ids is None else ids:
         out = rundir.config_dir(run_dir, cfg_id)
