@@ -155,8 +155,8 @@ def cell(key: str, value: Any) -> str:
         return "-"
     if key in ("accuracy", "routed_inactive"):
         return f"{100 * value:.2f}"
-    if key == "deepest_length":
-        return f"{value:.3f}"
+    if key == "deepest_length":  # significant digits: a vanishing length must not print as 0.000
+        return f"{value:.3g}"
     if key == "ort_p50_ms":
         return f"{value:.3f}"
     if key == "speedup":

@@ -83,7 +83,7 @@ def test_summary_names_every_column_and_shows_the_values_of_the_result_files(run
                     "model": model,
                     "accuracy": f"{100 * acc:.2f}",
                     "routed_inactive": f"{100 * health['routed_inactive_fraction']:.2f}",
-                    "deepest_length": f"{health['layers'][-1]['mean_length']:.3f}",
+                    "deepest_length": f"{health['layers'][-1]['mean_length']:.3g}",
                     "batch": str(ort["batch"]),
                     "ort_p50_ms": f"{ort['p50_ms']:.3f}",
                     "speedup": f"{eager['p50_ms'] / ort['p50_ms']:.2f}x",
