@@ -115,11 +115,14 @@ def train(
     model: CapsNet | None = None,
     epochs: int | None = None,
     files: StageFiles = TRAIN_FILES,
+    label: str = "train",
 ) -> dict:
     """Train (or resume, or skip when finished) one config; returns the metrics written to `files.metrics`.
 
     With `model`, training starts from that network (e.g. a pruned one, for fine-tuning) instead of a fresh
     one, for `epochs` epochs (default: the config's); the checkpoint records the network's own architecture.
+    `label` names the stage in the progress output ("train", "finetune", ...). The progress bar is drawn only
+    when stderr is a terminal; in a log file the output is one line per epoch.
     """
     out_dir = Path(out_dir)
     device = pick_device(device) if not isinstance(device, torch.device) else device
@@ -164,8 +167,8 @@ def train(
         t0 = time.perf_counter()
         bar = tqdm(
             range(steps),
-            desc=f"train {cfg.id} epoch {epoch}/{epochs}",
-            disable=not progress,
+            desc=f"{label} {cfg.id} epoch {epoch}/{epochs}",
+            disable=None if progress else True,  # None: tqdm draws nothing when stderr is not a TTY
             leave=False,
             unit="batch",
             dynamic_ncols=True,
@@ -231,7 +234,7 @@ def train(
         )
         if progress:
             tqdm.write(
-                f"  {cfg.id} epoch {epoch}/{epochs}: loss {loss_sum / seen:.4f} "
+                f"  {label} {cfg.id} epoch {epoch}/{epochs}: loss {loss_sum / seen:.4f} "
                 f"train acc {correct / seen:.4f} test acc {test_acc:.4f} ({seen / train_seconds:.0f} img/s)"
             )
     if not history:

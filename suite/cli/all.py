@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from capsbench.models.pruning import CRITERIA
-from capsbench.suite import rundir, stages
-from capsbench.suite.cli import options
+from capsbench.suite import stages
+from capsbench.suite.cli import options, summary
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import get_preset
 from capsbench.suite.stages import PruneSettings
@@ -89,46 +89,8 @@ def run(args) -> int:
     )
     out = options.run_dir(args)
     result = options.run_stages(args, configs, names, settings)
-    print(format_summary(summary_rows(out, result.records)))
+    print(summary.format_summary(summary.summary_rows(out, [r["config_id"] for r in result.records])))
     if (report := result.results.get("", {}).get("report")) is not None:
         print(f"report: {report}")
     print(f"results: {out}")
     return result.exit_code
-
-
-def summary_rows(run_dir: Path, records: list[dict]) -> list[dict]:
-    rows = []
-    for r in records:
-        out = rundir.config_dir(run_dir, r["config_id"])
-        metrics = rundir.read_if_valid(out / rundir.METRICS_FILE, "metrics") or {}
-        prunes = sorted(out.glob(f"prune_*/{rundir.PRUNE_FILE}"))
-        pruned = (
-            rundir.read_result(prunes[-1], "prune")["summary"]["test_accuracy"]["after_finetune"]
-            if prunes
-            else None
-        )
-        rows.append(
-            {
-                "config_id": r["config_id"],
-                "status": r["status"],
-                "accuracy": metrics.get("test_accuracy"),
-                "pruned_accuracy": pruned,
-                "stages": " ".join(f"{k}:{v['status']}" for k, v in r.items() if isinstance(v, dict)),
-                "label": r["label"],
-            }
-        )
-    return rows
-
-
-def format_summary(rows: list[dict]) -> str:
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}"
-
-    head = f"{'config':<11}{'status':<10}{'acc %':>7}{'pruned %':>10}  stages"
-    lines = [head, "-" * 100]
-    for r in rows:
-        lines.append(
-            f"{r['config_id']:<11}{r['status']:<10}{pct(r['accuracy']):>7}{pct(r['pruned_accuracy']):>10}"
-            f"  {r['stages']}   {r['label']}"
-        )
-    return "\n".join(lines)

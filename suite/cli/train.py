@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from capsbench.suite import rundir
-from capsbench.suite.cli import options
+from capsbench.suite.cli import options, summary
 
 
 def register(sub) -> None:
@@ -22,37 +21,10 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def summary_row(out, cfg_id: str, label: str) -> dict:
-    metrics = rundir.read_if_valid(out / rundir.METRICS_FILE, "metrics") or {"status": "failed"}
-    health = (
-        rundir.read_if_valid(out / rundir.HEALTH_FILE, "health") if metrics["status"] == "complete" else None
-    )
-    return {
-        "config_id": cfg_id,
-        "label": label,
-        "status": metrics["status"],
-        "test_accuracy": metrics.get("test_accuracy"),
-        "train_seconds": metrics.get("train_seconds_total"),
-        "inactive": [f"{lay['inactive']}/{lay['num_capsules']}" for lay in (health or {}).get("layers", [])],
-        "error": metrics.get("error", ""),
-    }
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"{'config':<11}{'status':<10}{'acc':>7}{'train s':>9}  inactive per layer (primary..class)  label"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        acc = f"{r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else "-"
-        secs = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-"
-        inactive = " ".join(r.get("inactive", [])) or r.get("error", "")[:40]
-        lines.append(f"{r['config_id']:<11}{r['status']:<10}{acc:>7}{secs:>9}  {inactive:<36} {r['label']}")
-    return "\n".join(lines)
-
-
 def run(args) -> int:
     configs = options.select_configs(args)
     out = options.run_dir(args)
     result = options.run_stages(args, configs, ["train", "health"], options.stage_settings(args))
-    print(format_table([summary_row(rundir.config_dir(out, c), c.id, c.label) for c in configs]))
+    print(summary.format_summary(summary.summary_rows(out, [c.id for c in configs])))
     print(f"results: {out}")
     return result.exit_code

@@ -250,7 +250,7 @@ def _download(url: str, dest: Path, f: FileSpec, progress: bool) -> None:
             unit_scale=True,
             desc=f.name,
             file=sys.stderr,
-            disable=not progress,
+            disable=None if progress else True,  # None: no bar when stderr is not a TTY
             leave=False,
         ) as bar,
     ):

@@ -208,6 +208,7 @@ def prune_config(
             splits,
             device=device,
             progress=progress,
+            label="finetune",
             model=pruned,
             epochs=finetune_epochs,
             files=training.StageFiles(
