@@ -71,12 +71,13 @@ def execute(
         if timing and (outcome is None or not _gate_failed(outcome)):
             log(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}  ({' '.join(timing)})")
             timed = run_one(cfg, timing)
-            if (
-                outcome is not None
-            ):  # the record read back from pipeline.json already holds the chain's stages
+            # The record read back from pipeline.json already holds the chain's stages.
+            if outcome is not None:
                 timed.outputs = {**outcome.outputs, **timed.outputs}
                 timed.failures = [*outcome.failures, *timed.failures]
             outcome = timed
+        elif outcome is None:  # no stage for the cluster nor the timing phase: record it as the runner does
+            outcome = run_one(cfg, names)
         result.append(outcome)
     return result
 
