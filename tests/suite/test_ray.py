@@ -55,13 +55,32 @@ def _processes_of(marker: str) -> list[int]:
     return pids
 
 
+def _with_children(pids: list[int]) -> list[int]:
+    """`pids` and all their descendants (Ray's agents rename themselves, so only their parent shows the marker)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += [child for child, parent in parents.items() if parent == pid]
+    return sorted(found)
+
+
 def _stop(temp_dir: str) -> None:
+    ours = _with_children(_processes_of(temp_dir))
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        for pid in _processes_of(temp_dir):
+        for pid in ours:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + wait
-        while _processes_of(temp_dir) and time.time() < deadline:
+        while any(Path(f"/proc/{pid}").exists() for pid in ours) and time.time() < deadline:
             time.sleep(0.2)
 
 
