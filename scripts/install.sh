@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up capsbench on a fresh machine: a virtual environment in .venv, torch, the package with its dev tools,
+# Set up capsbench on a fresh machine: a virtual environment in .venv, torch, the package with its dev tools and Ray,
 # and the default dataset (Fashion-MNIST), verified. Safe to rerun; each step skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ TORCH_SPEC=${CAPSBENCH_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,ray]'  # ray: --executor ray and its tests
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist package holds the original files; `capsbench data fetch`
 # copies and verifies them (or downloads from the canonical address where the network allows).

@@ -8,6 +8,7 @@ skipped by the stages themselves, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from collections.abc import Callable
@@ -108,6 +109,78 @@ def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) 
     return True, result
 
 
+@dataclass
+class Outcome:
+    """What one config's stages left: its pipeline record, what each stage returned, and its failures."""
+
+    record: dict
+    outputs: dict[str, Any] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+
+
+class SplitsCache:
+    """The data splits of the last dataset used (one in memory at a time); never pickled with its data."""
+
+    def __init__(self, data_dir: str | Path | None = None):
+        self.data_dir, self.cache = data_dir, {}
+
+    def __call__(self, cfg: RunConfig):
+        from capsbench.suite import train as training
+
+        key = (cfg.dataset, cfg.train_subset, cfg.eval_subset, cfg.seed)
+        if key not in self.cache:
+            self.cache.clear()
+            self.cache[key] = training.load_splits(cfg, self.data_dir)
+        return self.cache[key]
+
+    def __getstate__(self):
+        return {"data_dir": self.data_dir, "cache": {}}
+
+
+def run_config(
+    cfg: RunConfig,
+    names: list[str] | tuple[str, ...],
+    *,
+    run_dir: Path,
+    settings: Settings,
+    data_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    shared: dict | None = None,
+    splits: SplitsCache | None = None,
+) -> Outcome:
+    """The per-config stages among `names` for one config, recorded in its pipeline.json (merged with what
+    earlier commands recorded there) and error.txt. Every executor runs configs through this function."""
+    selected = [s for s in stages.select(names) if not s.per_run]
+    splits = splits or SplitsCache(data_dir)
+    out = config_dir(run_dir, cfg)
+    device = pick_device(settings.device)
+    ctx = Context(
+        cfg, out, run_dir, settings, lambda: splits(cfg), device, log, {} if shared is None else shared
+    )
+    old = read_if_valid(out / PIPELINE_FILE, "pipeline") or {}
+    record = {k: v for k, v in old.items() if isinstance(v, dict)}
+    record = {"config_id": cfg.id, "label": cfg.label, **record}
+    tracebacks: list[str] = []
+    outcome = Outcome(record)
+    for stage in selected:
+        ok, value = _run_stage(stage, ctx, record, tracebacks)
+        if ok:
+            outcome.outputs[stage.name] = value
+            continue
+        outcome.failures.append(Failure(cfg.id, stage.name, value))
+        if stage.gate:
+            break  # every later stage reads what this one writes
+    failed = [k for k, v in record.items() if isinstance(v, dict) and v.get("status") == "failed"]
+    record["status"] = "failed" if failed else "complete"
+    if out.is_dir() or any(s.gate for s in selected):
+        write_json(out / PIPELINE_FILE, "pipeline", record)
+    if tracebacks:
+        rundir.atomic_write(out / ERROR_FILE, lambda f, t=tracebacks: f.write("\n".join(t)))
+    elif not failed:
+        (out / ERROR_FILE).unlink(missing_ok=True)
+    return outcome
+
+
 def run(
     configs: list[RunConfig],
     run_dir: Path,
@@ -117,49 +190,34 @@ def run(
     data_dir: str | Path | None = None,
     run_info: dict | None = None,
     log: Callable[[str], None] = print,
+    executor: Callable | None = None,
 ) -> RunResult:
-    """The stages `names` for every config, then the run-level ones; returns records, results and failures."""
-    from capsbench.suite import train as training
+    """The stages `names` for every config, then the run-level ones; returns records, results and failures.
+    `executor` runs the configs (suite/executors/: in this process one after another by default, or on Ray)."""
+    from capsbench.suite.executors import local
 
     run_dir, settings = Path(run_dir), settings or Settings()
     selected = stages.select(names)
     device = pick_device(settings.device)
     _update_run_file(run_dir, configs, list(names), run_info or {}, device)
-    result, cache, shared = RunResult(run_dir), {}, {}
-    for i, cfg in enumerate(configs, 1):
-        key = (cfg.dataset, cfg.train_subset, cfg.eval_subset, cfg.seed)
-
-        def splits(cfg: RunConfig = cfg, key: tuple = key) -> training.Splits:
-            if key not in cache:
-                cache.clear()  # one dataset in memory at a time
-                cache[key] = training.load_splits(cfg, data_dir)
-            return cache[key]
-
-        log(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}")
-        out = config_dir(run_dir, cfg)
-        ctx = Context(cfg, out, run_dir, settings, splits, device, log, shared)
-        old = read_if_valid(out / PIPELINE_FILE, "pipeline") or {}
-        record = {k: v for k, v in old.items() if isinstance(v, dict)}
-        record = {"config_id": cfg.id, "label": cfg.label, **record}
-        tracebacks: list[str] = []
-        outputs = result.results.setdefault(cfg.id, {})
-        for stage in (s for s in selected if not s.per_run):
-            ok, value = _run_stage(stage, ctx, record, tracebacks)
-            if ok:
-                outputs[stage.name] = value
-                continue
-            result.failures.append(Failure(cfg.id, stage.name, value))
-            if stage.gate:
-                break  # every later stage reads what this one writes
-        failed = [k for k, v in record.items() if isinstance(v, dict) and v.get("status") == "failed"]
-        record["status"] = "failed" if failed else "complete"
-        result.records.append(record)
-        if out.is_dir() or any(s.gate for s in selected):
-            write_json(out / PIPELINE_FILE, "pipeline", record)
-        if tracebacks:
-            rundir.atomic_write(out / ERROR_FILE, lambda f, t=tracebacks: f.write("\n".join(t)))
-        elif not failed:
-            (out / ERROR_FILE).unlink(missing_ok=True)
+    result, shared = RunResult(run_dir), {}
+    per_config = [s.name for s in selected if not s.per_run]
+    # Absolute paths: an executor may run configs in processes with another working directory (Ray workers).
+    data_dir = Path(data_dir).absolute() if data_dir is not None else None
+    run_one = functools.partial(
+        run_config,
+        run_dir=run_dir.absolute(),
+        settings=settings,
+        data_dir=data_dir,
+        log=log,
+        shared=shared,
+        splits=SplitsCache(data_dir),
+    )
+    outcomes = (executor or local.execute)(configs, per_config, run_one, log)
+    for cfg, outcome in zip(configs, outcomes, strict=True):
+        result.records.append(outcome.record)
+        result.results.setdefault(cfg.id, {}).update(outcome.outputs)
+        result.failures.extend(outcome.failures)
     for stage in (s for s in selected if s.per_run):
         ctx = Context(None, run_dir, run_dir, settings, lambda: None, device, log, shared)  # type: ignore[arg-type]
         ok, value = _run_stage(stage, ctx, {}, tb := [])

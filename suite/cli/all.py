@@ -68,10 +68,42 @@ def register(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="redo finished stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: every config in this process, one after another; ray: each config's train -> prune -> "
+        "export chain as a task on a Ray cluster (one GPU or CPU each), then the timing stages on this machine "
+        "one config at a time (needs pip install 'capsbench[ray]'; default: %(default)s)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: the cluster's address, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else a "
+        "Ray instance started on this machine for the run)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="with --executor ray: how often a config whose worker died is retried (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
+def _executor(args):
+    if args.executor == "local":
+        if args.address is not None:
+            raise ConfigError("--address needs --executor ray")
+        return None
+    from capsbench.suite.executors import ray as ray_executor
+
+    ray_executor.check_installed()
+    return ray_executor.make(args.address, args.max_retries)
+
+
 def run(args) -> int:
+    executor = _executor(args)
     preset = get_preset(args.preset)
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
@@ -88,7 +120,7 @@ def run(args) -> int:
         args, prune=prune, time=options.time_settings(args), baseline=args.baseline
     )
     out = options.run_dir(args)
-    result = options.run_stages(args, configs, names, settings)
+    result = options.run_stages(args, configs, names, settings, executor=executor)
     print(summary.format_summary(summary.summary_rows(out, [r["config_id"] for r in result.records])))
     if (report := result.results.get("", {}).get("report")) is not None:
         print(f"report: {report}")

@@ -150,7 +150,12 @@ def stage_settings(args: argparse.Namespace, **parts):
 
 
 def run_stages(
-    args: argparse.Namespace, configs: list[RunConfig], names, settings, folder: Path | None = None
+    args: argparse.Namespace,
+    configs: list[RunConfig],
+    names,
+    settings,
+    folder: Path | None = None,
+    executor=None,
 ):
     """Run the stages `names` for `configs` with the one runner; every failure becomes one line on stderr."""
     import sys
@@ -165,6 +170,7 @@ def run_stages(
         data_dir=getattr(args, "data_dir", None),
         run_info={"preset": args.preset} if getattr(args, "preset", None) else None,
         log=lambda line: print(line, flush=True),
+        executor=executor,
     )
     for failure in result.failures:
         print(f"capsbench: error: {failure.message}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""The Ray executor: each config's chain of stages up to the ONNX export (train -> health -> prune -> export) is
+one Ray task, one GPU per task where the cluster has GPUs, else one CPU; the timing stages (time, cpp) run
+afterwards on the driver, one config after another, once every chain has finished.
+
+Why timing waits for a phase of its own on the driver: latency measured beside other work (another config's
+training on the same cores or GPU) is wrong, and timing every config on one machine keeps the figures comparable
+across configs. While the timing phase runs, no capsbench task runs anywhere in the cluster.
+
+Every task runs the runner's per-config function (runner.run_config), so a chain writes into the run folder
+exactly what the local runner writes (pipeline.json, error.txt, every stage's files), skips finished stages the
+same way, and records a failing stage the same way. The tasks write directly into the run folder: on a cluster of
+several machines it must lie on storage every node mounts at the same path. A worker that dies (killed, out of
+memory, its node lost) is retried up to `max_retries` times by Ray; the retry resumes from the config's last
+finished stage (and training from its last finished epoch).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+from capsbench.suite.errors import CapsbenchError
+
+INSTALL_HINT = "--executor ray needs Ray, which is not installed: pip install 'capsbench[ray]'"
+TIMING_STAGES = ("time", "cpp")  # never beside other work: run on the driver after every chain
+MAX_RETRIES = 2
+
+
+class RayMissingError(CapsbenchError):
+    """Ray is not installed."""
+
+
+def check_installed() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise RayMissingError(INSTALL_HINT) from None
+
+
+def _chain(run_one: Callable, cfg, names: list[str]):
+    """One config's chain, in a Ray worker."""
+    return run_one(cfg, names)
+
+
+def make(address: str | None = None, max_retries: int = MAX_RETRIES) -> Callable:
+    """An executor on the Ray cluster at `address` (None: $RAY_ADDRESS, else a cluster started for this run)."""
+    return functools.partial(execute, address=address, max_retries=max_retries)
+
+
+def execute(
+    configs: list,
+    names: list[str],
+    run_one: Callable,
+    log: Callable[[str], None],
+    *,
+    address: str | None = None,
+    max_retries: int = MAX_RETRIES,
+) -> list:
+    check_installed()
+    chain = [n for n in names if n not in TIMING_STAGES]
+    timing = [n for n in names if n in TIMING_STAGES]
+    outcomes: dict[str, object] = {}
+    if chain and configs:
+        outcomes = _run_chains(configs, chain, run_one, log, address, max_retries)
+    if timing:
+        log(f"timing phase on the driver: {' '.join(timing)} for {len(configs)} configs, one after another")
+    result = []
+    for i, cfg in enumerate(configs, 1):
+        outcome = outcomes.get(cfg.id)
+        if timing and (outcome is None or not _gate_failed(outcome)):
+            log(f"[{i}/{len(configs)}] {cfg.id}  {cfg.label}  ({' '.join(timing)})")
+            timed = run_one(cfg, timing)
+            # The record read back from pipeline.json already holds the chain's stages.
+            if outcome is not None:
+                timed.outputs = {**outcome.outputs, **timed.outputs}
+                timed.failures = [*outcome.failures, *timed.failures]
+            outcome = timed
+        elif outcome is None:  # no stage for the cluster nor the timing phase: record it as the runner does
+            outcome = run_one(cfg, names)
+        result.append(outcome)
+    return result
+
+
+def _gate_failed(outcome) -> bool:
+    from capsbench.suite import stages
+
+    return any(stages.get(f.stage).gate for f in outcome.failures if f.stage in stages.MODULES) or any(
+        f.stage == "worker" for f in outcome.failures
+    )
+
+
+def _run_chains(configs, chain, run_one, log, address, max_retries) -> dict:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    try:
+        return _submit(configs, chain, run_one, log, max_retries)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _submit(configs, chain, run_one, log, max_retries) -> dict:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    per_task = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    task = ray.remote(max_retries=max_retries, retry_exceptions=False, **per_task)(_chain)
+    log(
+        f"ray: {len(configs)} configs ({' -> '.join(chain)}) on a cluster of {cpus} CPUs and {gpus} GPUs, "
+        f"one {'GPU' if gpus else 'CPU'} per config, up to {max_retries} retries"
+    )
+    refs = {task.options(name=f"capsbench:{cfg.id}").remote(run_one, cfg, chain): cfg for cfg in configs}
+    outcomes, pending, t0 = {}, list(refs), time.perf_counter()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        cfg = refs[ready[0]]
+        try:
+            outcome = ray.get(ready[0])
+        except Exception as e:  # the worker died more often than it may be retried, or Ray failed
+            outcome = _lost(run_one, cfg, e)
+        outcomes[cfg.id] = outcome
+        stages_line = " ".join(
+            f"{k}:{v['status']}" for k, v in outcome.record.items() if isinstance(v, dict) and k in chain
+        )
+        log(
+            f"[{len(outcomes)}/{len(configs)}] {cfg.id}  {outcome.record.get('status', 'failed')}  "
+            f"{stages_line}  ({time.perf_counter() - t0:.0f} s)  {cfg.label}"
+        )
+    return outcomes
+
+
+def _lost(run_one, cfg, error: BaseException):
+    """A config whose chain never returned: its pipeline.json records a failed 'worker' step, like a stage."""
+    from capsbench.suite import rundir
+    from capsbench.suite.runner import Failure, Outcome, message_of
+
+    out = rundir.config_dir(run_one.keywords["run_dir"], cfg)
+    record = rundir.read_if_valid(out / rundir.PIPELINE_FILE, "pipeline") or {}
+    record = {
+        "config_id": cfg.id,
+        "label": cfg.label,
+        **{k: v for k, v in record.items() if isinstance(v, dict)},
+    }
+    record["worker"] = {"status": "failed", "error": message_of(error), "error_type": type(error).__name__}
+    record["status"] = "failed"
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(out / rundir.PIPELINE_FILE, "pipeline", record)
+    rundir.atomic_write(out / rundir.ERROR_FILE, lambda f: f.write(f"worker:\n{error}\n"))
+    return Outcome(record, {}, [Failure(cfg.id, "worker", error)])
