@@ -6,6 +6,7 @@ Latency is compared as ratios to torch eager from the same run, and as absolute 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from capsbench.reports.compare import Tolerances, compare_runs
@@ -60,6 +61,7 @@ def format_check(ch: dict) -> str:
         "unstable": "UNSTABLE",
         "not_gated": "NOT GATED",
         "noisy": "NOISY",
+        "info": "info",
     }.get(ch["status"], "ok")
     line = (
         f"{label:<9} {ch['config']} {ch['metric']}: baseline {ch['baseline']} -> {ch['current']} "
@@ -89,8 +91,10 @@ def run(args) -> int:
         if result["same_machine"]
         else "different machines: latency compared machine-normalised, as same-run ratios only"
     )
+    kinds = Counter(ch["status"] for ch in result["not_gated"])
+    why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(kinds.items()))
     print(
         f"{len(result['checks'])} checks, {len(result['regressions'])} regressions, "
-        f"{len(result['not_gated'])} not gated ({where})"
+        f"{len(result['not_gated'])} not gated{f' ({why})' if why else ''} ({where})"
     )
     return 0 if result["ok"] else 1
