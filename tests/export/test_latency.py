@@ -184,10 +184,12 @@ def test_rounds_are_pooled_keeping_each_rounds_samples_and_the_speedup_of_the_po
     assert torch_row["stable"] and ort["stable"]
 
 
-def test_a_pooled_measurement_is_stable_only_when_every_round_was_and_a_failed_round_is_an_error():
+def test_a_pooled_measurement_is_stable_when_most_rounds_were_and_a_failed_round_is_an_error():
     calls = [1.0] * 5
     ort, _ = pool_rounds([_round(calls, calls), _round(calls, calls, ort_stable=False)])
-    assert ort["stable"] is False and ort["unstable_reason"].startswith("a round")
+    assert ort["stable"] is False and ort["unstable_reason"].startswith("1 of 2 rounds unstable")
+    ort, _ = pool_rounds([_round(calls, calls), _round(calls, calls, ort_stable=False), _round(calls, calls)])
+    assert ort["stable"] is True and ort["round_stable"] == [True, False, True]
     broken = _round(calls, calls)
     broken[1] = {"variant": "model", "backend": "torch_eager", "batch": 1, "status": "error", "error": "boom"}
     _, eager = pool_rounds([_round(calls, calls), broken])
