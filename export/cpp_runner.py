@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from capsbench.export.errors import ExportError
+from capsbench.export.latency import summarize
 from capsbench.export.sessions import EXECUTION_PROVIDERS
 from capsbench.files import atomic_write
 
@@ -297,7 +298,8 @@ def run_runner(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Time `model` with the C++ runner; its JSON: `rows` has one row per batch size with the harness's fields
-    (backend 'ort_cpp_cpu'/'ort_cpp_cuda'/'ort_cpp_cuda_graph', p50_ms, ..., status/error).
+    (backend 'ort_cpp_cpu'/'ort_cpp_cuda'/'ort_cpp_cuda_graph', p50_ms, ..., status/error), the statistics
+    recomputed from the runner's raw samples by `latency.summarize` (spread, stability, samples_ms).
 
     input: a CBT1 file or an array (written to a temporary file); batch b takes its first b rows, cycling.
     None: random uniform [0, 1). output: the outputs of the last run (last batch size) as CBT1 records.
@@ -346,6 +348,12 @@ def run_runner(
         if res.returncode in (0, PARTIAL) and json_path.is_file():
             result = json.loads(json_path.read_text())
             result["stderr"] = res.stderr.strip() or None
+            for row in result.get("rows", []):
+                if row.get("status", "ok") == "ok" and row.get("samples_ms"):
+                    # one summariser for every route: spread and stability as the Python harness computes them
+                    first = row.get("first_run_ms")
+                    seconds = [x / 1e3 for x in row["samples_ms"]]
+                    row.update(summarize(seconds, row["batch"], None if first is None else first / 1e3))
             return result
         why = EXIT_CODES.get(res.returncode, f"exit code {res.returncode}")
         last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "(no message)"

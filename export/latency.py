@@ -60,6 +60,7 @@ STABILITY_RULE = {
     "max_iqr_over_median": STABLE_MAX_IQR_REL,
     "max_median_over_min": STABLE_MAX_P50_OVER_MIN,
     "retries": RETRIES,
+    "rounds": "a measurement timed in rounds (fresh processes) is stable when more than half of them are",
 }
 
 
@@ -96,6 +97,9 @@ def summarize(durations_s: Sequence[float], batch: int = 1, first_s: float | Non
         "unstable_reason": why,
         "samples_ms": [round(float(x), 6) for x in d],
     }
+
+
+SUMMARY_FIELDS = frozenset(summarize([1e-3], 1)) | {"attempts", "gflops_per_s", "gemm_fraction"}
 
 
 class _Timer:
@@ -165,6 +169,57 @@ def time_backend(
         if best is None or stats["stable"] or stats["p50_ms"] < best["p50_ms"]:
             best = stats
     return {**best, "attempts": attempts}
+
+
+def pool_rounds(
+    rounds: Sequence[Sequence[dict[str, Any]]], reference: str = REFERENCE
+) -> list[dict[str, Any]]:
+    """One row per (variant, backend, batch) from the same sweep repeated in `rounds` fresh processes.
+
+    Whole processes on a shared machine run at different speeds while each one's timed calls stay tight, so
+    one process's spread understates the noise between runs (issue 14). The pooled row keeps every round's
+    raw samples (`round_samples_ms`, what `capsbench check` resamples round by round) and median
+    (`round_p50_ms`); its statistics are `summarize`'s over all samples together. It is stable when more than
+    half of its rounds were (`stability`, `round_stable`): one disturbed process among three widens the
+    interval `check` resamples from the rounds, it does not void the measurement. A backend that failed in
+    any round is that round's error row.
+    """
+    keys: dict[tuple, list[dict[str, Any]]] = {}
+    for rows in rounds:
+        for r in rows:
+            keys.setdefault((r.get("variant"), r["backend"], r["batch"]), []).append(r)
+    pooled: list[dict[str, Any]] = []
+    for (*_, batch), rows in keys.items():
+        failed = next((r for r in rows if r.get("status") != "ok"), None)
+        if failed is not None or len(rows) < len(rounds):
+            pooled.append(failed or {**rows[0], "status": "error", "error": "missing from a round"})
+            continue
+        every = [x / 1e3 for r in rows for x in r["samples_ms"]]
+        first = rows[0].get("first_run_ms")
+        row = {
+            k: v for k, v in rows[0].items() if k not in SUMMARY_FIELDS and not k.startswith("speedup_vs_")
+        }
+        row.update(summarize(every, batch, None if first is None else first / 1e3))
+        unstable = [r for r in rows if not r.get("stable", True)]
+        stable = 2 * len(unstable) < len(rows)
+        row.update(
+            status="ok",
+            rounds=len(rows),
+            round_p50_ms=[r["p50_ms"] for r in rows],
+            round_samples_ms=[r["samples_ms"] for r in rows],
+            round_stable=[bool(r.get("stable", True)) for r in rows],
+            stable=stable,
+            unstable_reason=None
+            if stable
+            else f"{len(unstable)} of {len(rows)} rounds unstable: {unstable[0].get('unstable_reason')}",
+            attempts=max(r.get("attempts", 1) for r in rows),
+        )
+        if rows[0].get("gflops_per_s") is not None:
+            row["gflops_per_s"] = rows[0]["gflops_per_s"] * rows[0]["p50_ms"] / row["p50_ms"]
+        pooled.append(row)
+    for group in {(r.get("variant"), r["batch"]) for r in pooled}:
+        add_speedups([r for r in pooled if (r.get("variant"), r["batch"]) == group], reference)
+    return pooled
 
 
 # ----------------------------------------------------------------------------------------------- backends

@@ -78,7 +78,9 @@ def _update_run_file(run_dir: Path, configs: list[RunConfig], names: list[str], 
             **info,
             "configs": list(known.values()),
             "stages": [n for n in stages.MODULES if n in names or n in old.get("stages", [])],
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # A resumed run keeps its start time (issue 14: resume keeps history); 'resumed' is this command's.
+            "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"resumed": time.strftime("%Y-%m-%dT%H:%M:%S%z")} if old.get("started") else {}),
             "environment": environment(device),
         },
     )
@@ -99,12 +101,18 @@ def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) 
         tracebacks.append(f"stage {stage.name}:\n{traceback.format_exc()}")
         ctx.log(f"    {stage.name}: FAILED: {message_of(e)}")
         return False, e
+    before = record.get(stage.name)
+    if up_to_date and isinstance(before, dict) and before.get("status") == "ok":
+        # Resume keeps history: the stage's original record (its seconds) stays, marked cached.
+        record[stage.name] = {**before, "up_to_date": True, "cached": True}
+        ctx.log(f"    {stage.name}: cached")
+        return True, result
     record[stage.name] = {
         "status": "ok",
         "up_to_date": up_to_date,  # nothing was left to do: the stage's results were already there
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    note = "up to date" if up_to_date else f"{record[stage.name]['seconds']:.1f} s"
+    note = "cached" if up_to_date else f"{record[stage.name]['seconds']:.1f} s"
     ctx.log(f"    {stage.name}: ok ({note})")
     return True, result
 

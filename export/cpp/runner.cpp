@@ -264,7 +264,8 @@ double percentile(const std::vector<double>& sorted, double q) {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
 }
 
-// The fields of capsbench.export.latency.summarize: ms, std with ddof=1, throughput in images/s at p50.
+// The fields of capsbench.export.latency.summarize: ms, std with ddof=1, throughput in images/s at p50, and
+// the raw samples (samples_ms).
 std::vector<std::pair<std::string, Json>> summarize(const std::vector<double>& seconds, int64_t batch, double first_s) {
   std::vector<double> d;
   for (double s : seconds) d.push_back(s * 1e3);
@@ -275,6 +276,11 @@ std::vector<std::pair<std::string, Json>> summarize(const std::vector<double>& s
   double ss = 0;
   for (double x : d) ss += (x - mean) * (x - mean);
   const double p50 = percentile(sorted, 50);
+  // Every timed run in order, so Python computes the spread and stability with the one summariser
+  // (capsbench.export.latency.summarize) and `capsbench check` can resample them.
+  std::vector<Json> items;
+  for (double x : d) items.push_back(Json::num(x));
+  const Json samples_ms = Json::array(items);
   return {
       {"batch", Json::integer(batch)},
       {"iters", Json::integer(static_cast<long long>(d.size()))},
@@ -287,6 +293,7 @@ std::vector<std::pair<std::string, Json>> summarize(const std::vector<double>& s
       {"max_ms", Json::num(sorted.back())},
       {"first_run_ms", Json::num(first_s * 1e3)},
       {"throughput_ips", p50 > 0 ? Json::num(static_cast<double>(batch) / (p50 / 1e3)) : Json::null()},
+      {"samples_ms", samples_ms},
   };
 }
 

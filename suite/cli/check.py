@@ -6,6 +6,7 @@ Latency is compared as ratios to torch eager from the same run, and as absolute 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from capsbench.reports.compare import Tolerances, compare_runs
@@ -24,8 +25,9 @@ def register(sub) -> None:
         "--speedup-drop, or, with --gate-absolute and both runs timed on the same machine, p50 latency rises "
         "by more than --latency-rise (on different machines: a row's fraction of the same run's GEMM rate falls by more "
         "than --speedup-drop). A latency change counts only when the whole 95% bootstrap interval of the "
-        "ratio, from both runs' raw timed calls, lies beyond the tolerance; a measurement marked unstable is "
-        "reported as not gated. A config of the baseline missing from the run also fails. Prints every "
+        "ratio, from both runs' raw timed calls resampled round (process) by round, lies beyond the "
+        "tolerance; one whose interval crosses the tolerance is reported as NOISY ('noise too large to gate'), "
+        "a measurement marked unstable as UNSTABLE, both not gated and never a regression. A config of the baseline missing from the run also fails. Prints every "
         "check with both values, the tolerance and the noise.",
     )
     p.add_argument("run_dir", type=Path, help="the run to check")
@@ -54,9 +56,13 @@ def register(sub) -> None:
 
 def format_check(ch: dict) -> str:
     """One gate: its verdict, the two values, the tolerance and (for latency) the noise and what it compares."""
-    label = {"regressed": "REGRESSED", "unstable": "UNSTABLE", "not_gated": "NOT GATED"}.get(
-        ch["status"], "ok"
-    )
+    label = {
+        "regressed": "REGRESSED",
+        "unstable": "UNSTABLE",
+        "not_gated": "NOT GATED",
+        "noisy": "NOISY",
+        "info": "info",
+    }.get(ch["status"], "ok")
     line = (
         f"{label:<9} {ch['config']} {ch['metric']}: baseline {ch['baseline']} -> {ch['current']} "
         f"(tolerance {ch['tolerance']}"
@@ -85,8 +91,10 @@ def run(args) -> int:
         if result["same_machine"]
         else "different machines: latency compared machine-normalised, as same-run ratios only"
     )
+    kinds = Counter(ch["status"] for ch in result["not_gated"])
+    why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(kinds.items()))
     print(
         f"{len(result['checks'])} checks, {len(result['regressions'])} regressions, "
-        f"{len(result['not_gated'])} not gated ({where})"
+        f"{len(result['not_gated'])} not gated{f' ({why})' if why else ''} ({where})"
     )
     return 0 if result["ok"] else 1

@@ -86,6 +86,13 @@ def add_timing(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=TimeSettings.rounds,
+        help="time the whole sweep this many times, each in a fresh process, so 'capsbench check' sees the "
+        "spread between processes (default: %(default)s)",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for ORT, C++ and torch (default: all cores)"
     )
     p.add_argument(

@@ -13,6 +13,7 @@ import numpy as np
 
 from capsbench.export import ExportError, make_session
 from capsbench.export.cpp_runner import build_runner, read_tensors, run_runner
+from capsbench.export.latency import STABILITY_RULE, pool_rounds
 from capsbench.export.sessions import default_threads
 from capsbench.suite import rundir
 from capsbench.suite import train as training
@@ -49,23 +50,27 @@ def time_config_cpp(
     for v in variants:
         session = make_session(out / v.onnx, settings.provider, threads)
         provider = session.execution_provider.runner_flag
+        rounds = []
         with tempfile.TemporaryDirectory(prefix="capsbench-cpp-") as tmp:
             output = Path(tmp) / "outputs.cbt"
-            try:
-                result = run_runner(
-                    binary,
-                    out / v.onnx,
-                    settings.batch_sizes,
-                    threads,
-                    settings.warmup,
-                    settings.iters,
-                    provider,
-                    input=images,
-                    output=output,
-                    max_seconds=settings.max_seconds,
-                )
-            except ExportError as e:
-                raise StageError(f"{cfg.id} {v.name}: {e}") from e
+            # Each round is a fresh runner process, as the Python time stage's rounds are (issue 14).
+            for _ in range(max(settings.rounds, 1)):
+                try:
+                    result = run_runner(
+                        binary,
+                        out / v.onnx,
+                        settings.batch_sizes,
+                        threads,
+                        settings.warmup,
+                        settings.iters,
+                        provider,
+                        input=images,
+                        output=output,
+                        max_seconds=settings.max_seconds,
+                    )
+                except ExportError as e:
+                    raise StageError(f"{cfg.id} {v.name}: {e}") from e
+                rounds.append(result["rows"])
             cpp_out = read_tensors(output)[0]
         last = settings.batch_sizes[-1]
         batch = np.resize(images, (last, *images.shape[1:])) if last > len(images) else images[:last]
@@ -78,7 +83,7 @@ def time_config_cpp(
             "passed": diff <= PARITY_TOLERANCE,
         }
         runner_info[v.name] = {k: result.get(k) for k in ("provider", "threads", "onnxruntime", "session")}
-        rows += [{"variant": v.name, **r} for r in result["rows"]]
+        rows += [{"variant": v.name, **r} for r in pool_rounds(rounds)]
         del session
     failed = [name for name, p in parity.items() if not p["passed"]]
     res = {
@@ -89,6 +94,8 @@ def time_config_cpp(
         "onnx_sha256": shas,
         "runner": runner_info,
         "parity": parity,
+        "stability_rule": STABILITY_RULE,
+        "rounds": max(settings.rounds, 1),
         "rows": rows,
     }
     write_json(out / LATENCY_CPP_FILE, "latency", res)

@@ -3,7 +3,11 @@ size -> latency.json, from the one timing harness of export/latency.py."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ class TimeSettings:
     provider: str = "auto"
     compile: bool = False
     max_seconds: float | None = 10.0  # per backend and batch size, after at least 5 timed runs
+    rounds: int = 3  # the whole sweep, each time in a fresh process (iters timed calls per round)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
@@ -52,10 +57,8 @@ def finished_latency(path: Path, settings: TimeSettings, onnx_shas: dict[str, st
     if res is None:
         return None
     same = res.get("settings") == settings.to_dict() and res.get("onnx_sha256") == onnx_shas
-    # Rows from before the raw samples were kept cannot be gated on noise: time them again.
-    # (The C++ runner's rows carry no raw samples yet.)
-    python_rows = [r for r in res.get("rows", []) if not str(r.get("backend", "")).startswith("ort_cpp")]
-    same = same and all("samples_ms" in r for r in python_rows if r.get("status") == "ok")
+    # Rows from before the rounds' raw samples were kept cannot be gated on noise: time them again.
+    same = same and all("round_samples_ms" in r for r in res.get("rows", []) if r.get("status") == "ok")
     return res if same and res.get("status") == "complete" else None
 
 
@@ -90,43 +93,28 @@ def time_config(
         return {**done, "skipped": True}
 
     threads = settings.threads or default_threads()
-    torch.set_num_threads(threads)  # torch and ORT get the same cores
     images = training.test_images(splits(), max(settings.batch_sizes)).numpy()
     gemm_cache = {} if gemm_cache is None else gemm_cache
-    rows, sessions, flops, placement, devices = [], {}, {}, {}, {}
-    for v in variants:
-        session = make_session(out / v.onnx, settings.provider, threads)
-        sessions[v.name] = session.info
-        flops[v.name] = graph_flops(load_onnx(out / v.onnx, check=False), batch=1)["flops_per_image"]
-        ep = session.execution_provider
-        device = ep.device if ep.device == "cuda" and torch.cuda.is_available() else "cpu"
-        devices[v.name] = device
-        gemm = gemm_cache.get(device) or gemm_cache.setdefault(device, harness.gemm_gflops(device=device))
-        model = load_model(cfg, out / v.checkpoint)
-        backends = {f"ort_{ep.name}": harness.ort_backend(session)}
-        if ep.name != "cpu":  # which nodes ORT silently left on the CPU
-            placement[v.name] = node_placement(out / v.onnx, images[:1], provider=ep.name, threads=threads)
-        if ep.graphs:
-            backends[f"ort_{ep.name}_graph"] = _graph_backend(out / v.onnx, ep.name, threads)
-        backends["torch_eager"] = harness.torch_backend(model, device)
-        if settings.compile:
-            backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
+    rounds = []
+    # Each round in a fresh process: whole processes on a shared machine run at different speeds (issue 14),
+    # so the noise `capsbench check` gates on must include the spread between processes, not only within one.
+    spawn = multiprocessing.get_context("spawn")
+    for i in range(max(settings.rounds, 1)):
         if progress is not None:
-            progress(f"{cfg.id} {v.name}: {session.provider}, {threads} threads")
-        for row in harness.sweep(
-            backends,
-            images,
-            settings.batch_sizes,
-            warmup=settings.warmup,
-            iters=settings.iters,
-            max_seconds=settings.max_seconds,
-            flops_per_image=flops[v.name],
-            progress=progress,
-        ):
-            if row.get("gflops_per_s") is not None:
-                row["gemm_fraction"] = row["gflops_per_s"] / gemm["gflops_per_s"]
-            rows.append({"variant": v.name, **row})
-        del session, model, backends
+            progress(f"{cfg.id}: timing round {i + 1}/{max(settings.rounds, 1)} in a fresh process")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            rounds.append(
+                pool.submit(_time_round, cfg, out, settings, images, threads, progress is not None).result()
+            )
+    first = rounds[0]
+    rows = harness.pool_rounds([r["rows"] for r in rounds])
+    devices = first["torch_device"]
+    for device in dict.fromkeys(devices.values()):
+        gemm_cache.setdefault(device, _pool_gemm([r["gemm"][device] for r in rounds]))
+    for row in rows:
+        if row.get("gflops_per_s") is not None:
+            row["gemm_fraction"] = row["gflops_per_s"] / gemm_cache[devices[row["variant"]]]["gflops_per_s"]
+    sessions, flops, placement = first["sessions"], first["flops_per_image"], first["node_placement"]
     result = {
         "config_id": cfg.id,
         "label": cfg.label,
@@ -140,10 +128,97 @@ def time_config(
         "gemm": gemm_cache.get(devices[variants[0].name]),
         "environment": {**environment(torch.device("cpu")), **runtime_environment()},
         "stability_rule": harness.STABILITY_RULE,
+        "rounds": len(rounds),
+        **(
+            {"test_ort_delay_ms": float(os.environ[TEST_DELAY_ENV])} if os.environ.get(TEST_DELAY_ENV) else {}
+        ),
         "rows": rows,
     }
     write_json(out / LATENCY_FILE, "latency", result)
     return result
+
+
+def _time_round(
+    cfg: RunConfig, out: Path, settings: TimeSettings, images: np.ndarray, threads: int, verbose: bool
+) -> dict[str, Any]:
+    """One round of the time stage, run in a fresh process: every variant's backends swept once, and this
+    process's GEMM rate per device."""
+    torch.set_num_threads(threads)  # torch and ORT get the same cores
+    say = (lambda line: print(line, flush=True)) if verbose else None
+    rows, sessions, flops, placement, devices, gemm = [], {}, {}, {}, {}, {}
+    for v in exported_variants(out):
+        session = make_session(out / v.onnx, settings.provider, threads)
+        sessions[v.name] = session.info
+        flops[v.name] = graph_flops(load_onnx(out / v.onnx, check=False), batch=1)["flops_per_image"]
+        ep = session.execution_provider
+        device = ep.device if ep.device == "cuda" and torch.cuda.is_available() else "cpu"
+        devices[v.name] = device
+        if device not in gemm:
+            gemm[device] = harness.gemm_gflops(device=device)
+        model = load_model(cfg, out / v.checkpoint)
+        backends = {f"ort_{ep.name}": _delayed(harness.ort_backend(session))}
+        if ep.name != "cpu":  # which nodes ORT silently left on the CPU
+            placement[v.name] = node_placement(out / v.onnx, images[:1], provider=ep.name, threads=threads)
+        if ep.graphs:
+            backends[f"ort_{ep.name}_graph"] = _graph_backend(out / v.onnx, ep.name, threads)
+        backends["torch_eager"] = harness.torch_backend(model, device)
+        if settings.compile:
+            backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
+        if say is not None:
+            say(f"{cfg.id} {v.name}: {session.provider}, {threads} threads")
+        for row in harness.sweep(
+            backends,
+            images,
+            settings.batch_sizes,
+            warmup=settings.warmup,
+            iters=settings.iters,
+            max_seconds=settings.max_seconds,
+            flops_per_image=flops[v.name],
+            progress=say,
+        ):
+            rows.append({"variant": v.name, **row})
+        del session, model, backends
+    return {
+        "rows": rows,
+        "sessions": sessions,
+        "flops_per_image": flops,
+        "node_placement": placement or None,
+        "torch_device": devices,
+        "gemm": gemm,
+    }
+
+
+# A test hook: a fixed cost (ms) added to every ONNX Runtime call, a real slowdown that 'capsbench check' must
+# flag. Results timed with it say so in their settings' environment (latency.json "test_ort_delay_ms").
+TEST_DELAY_ENV = "CAPSBENCH_TEST_ORT_DELAY_MS"
+
+
+def _delayed(prepare: harness.Prepare) -> harness.Prepare:
+    delay = float(os.environ.get(TEST_DELAY_ENV) or 0) / 1e3
+    if not delay:
+        return prepare
+
+    def slowed(images: np.ndarray):
+        run, sync = prepare(images)
+        return (lambda: (time.sleep(delay), run())[1]), sync
+
+    return slowed
+
+
+def _pool_gemm(records: list[dict]) -> dict:
+    """The GEMM rate of several rounds: the median over every round's timed calls, each round's kept."""
+    every = [x for r in records for x in r["samples_ms"]]
+    p50 = float(np.median(every))
+    n = records[0]["n"]
+    return {
+        **records[0],
+        "p50_ms": p50,
+        "gflops_per_s": 2 * n**3 / (p50 / 1e3) / 1e9,
+        "min_ms": min(r["min_ms"] for r in records),
+        "stable": all(r["stable"] for r in records),
+        "samples_ms": every,
+        "round_samples_ms": [r["samples_ms"] for r in records],
+    }
 
 
 def _graph_backend(path: Path, provider: str, threads: int) -> harness.Prepare:

@@ -164,6 +164,10 @@ def test_runner_json_has_the_python_harness_schema(runner, capsnet_onnx, fashion
         assert row["status"] == "ok" and row["backend"] == "ort_cpp_cpu" and row["iters"] == 5
         assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["throughput_ips"] == pytest.approx(row["batch"] / (row["p50_ms"] / 1e3))
+        # the raw timed runs come back, and the spread and stability are the Python summariser's
+        assert len(row["samples_ms"]) == 5 and row["n"] == 5
+        assert row["p50_ms"] == pytest.approx(float(np.median(row["samples_ms"])))
+        assert row["iqr_rel"] >= 0 and isinstance(row["stable"], bool)
     assert res["provider"] == res["session"]["provider"] == "CPUExecutionProvider"
     assert res["threads"] == THREADS and res["session"]["opt_level"] == "all"
     assert res["onnxruntime"] == ort.__version__  # the very runtime the Python harness uses

@@ -93,12 +93,18 @@ def test_time_writes_latency_with_environment_and_both_backends_per_batch(run, c
 def test_finished_stages_are_skipped_and_force_redoes_them(run, capsys):
     folder, common, _, _ = run
     mtime = (folder / "model.onnx").stat().st_mtime_ns
+    first = read_result(folder / "pipeline.json", "pipeline")["export"]
+    started = read_result(folder.parent / "run.json", "run")["started"]
     capsys.readouterr()
     assert main(["export", *common]) == 0
     assert "done" in capsys.readouterr().out
     assert (folder / "model.onnx").stat().st_mtime_ns == mtime
+    # resume keeps history: the export's original seconds and the run's start time
+    again = read_result(folder / "pipeline.json", "pipeline")["export"]
+    assert again["cached"] and again["seconds"] == first["seconds"]
+    assert read_result(folder.parent / "run.json", "run")["started"] == started
     assert main(["time", *common, "--batch-sizes", "1", "2", "--iters", "2", "--warmup", "1"]) == 0
-    assert "up to date" in capsys.readouterr().out
+    assert "cached" in capsys.readouterr().out
     # other settings are a different measurement: timed again
     assert main(["time", *common, "--batch-sizes", "1", "--iters", "2", "--warmup", "1"]) == 0
     assert [r["batch"] for r in read_result(folder / "latency.json", "latency")["rows"]] == [1] * 4

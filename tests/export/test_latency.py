@@ -13,6 +13,7 @@ from capsbench.export import make_session, summarize, sweep, time_backend
 from capsbench.export.latency import (
     format_table,
     ort_backend,
+    pool_rounds,
     runtime_environment,
     stability,
     take_batch,
@@ -154,6 +155,45 @@ def test_sweep_retimes_only_the_unstable_backend_in_turns():
     by = {r["backend"]: r for r in rows}
     assert by["steady"]["stable"] and by["steady"]["attempts"] == 1
     assert not by["noisy"]["stable"] and by["noisy"]["attempts"] == 3 and by["noisy"]["unstable_reason"]
+
+
+def _round(ort_ms, eager_ms, ort_stable=True):
+    """One round's rows of a sweep at batch 1, from known calls."""
+    rows = [
+        {
+            "variant": "model",
+            "backend": name,
+            "status": "ok",
+            "attempts": 1,
+            **summarize(np.asarray(ms) / 1e3),
+        }
+        for name, ms in (("ort_cpu", ort_ms), ("torch_eager", eager_ms))
+    ]
+    rows[0]["stable"] = ort_stable
+    return rows
+
+
+def test_rounds_are_pooled_keeping_each_rounds_samples_and_the_speedup_of_the_pooled_medians():
+    fast, slow = [1.0, 1.0, 1.1, 1.0, 1.0], [1.5, 1.5, 1.6, 1.5, 1.5]
+    eager = [3.0] * 5
+    ort, torch_row = pool_rounds([_round(fast, eager), _round(slow, eager), _round(fast, eager)])
+    assert ort["round_samples_ms"] == [fast, slow, fast] and ort["rounds"] == 3
+    assert ort["round_p50_ms"] == [1.0, 1.5, 1.0] and ort["n"] == 15
+    assert ort["p50_ms"] == pytest.approx(float(np.median(fast * 2 + slow)))
+    assert ort["speedup_vs_torch_eager"] == pytest.approx(3.0 / ort["p50_ms"])
+    assert torch_row["stable"] and ort["stable"]
+
+
+def test_a_pooled_measurement_is_stable_when_most_rounds_were_and_a_failed_round_is_an_error():
+    calls = [1.0] * 5
+    ort, _ = pool_rounds([_round(calls, calls), _round(calls, calls, ort_stable=False)])
+    assert ort["stable"] is False and ort["unstable_reason"].startswith("1 of 2 rounds unstable")
+    ort, _ = pool_rounds([_round(calls, calls), _round(calls, calls, ort_stable=False), _round(calls, calls)])
+    assert ort["stable"] is True and ort["round_stable"] == [True, False, True]
+    broken = _round(calls, calls)
+    broken[1] = {"variant": "model", "backend": "torch_eager", "batch": 1, "status": "error", "error": "boom"}
+    _, eager = pool_rounds([_round(calls, calls), broken])
+    assert eager["status"] == "error" and eager["error"] == "boom"
 
 
 def test_take_batch_cycles_through_fewer_images():

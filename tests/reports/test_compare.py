@@ -72,10 +72,10 @@ def latency_checks(result):
 def test_ratio_interval_covers_the_ratio_of_medians():
     rng = np.random.default_rng(1)
     a, b = rng.normal(10, 0.5, 200), rng.normal(5, 0.5, 200)
-    point, low, high = ratio_interval([(a, 1), (b, -1)])
+    point, low, high = ratio_interval([([a], 1), ([b], -1)])  # one round each
     assert point == pytest.approx(np.median(a) / np.median(b))
     assert low < point < high and high - low < 0.2
-    assert ratio_interval([(a, 1), (b, -1)]) == (point, low, high)  # seeded: same verdicts every time
+    assert ratio_interval([([a], 1), ([b], -1)]) == (point, low, high)  # seeded: same verdicts every time
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -114,7 +114,7 @@ def test_a_large_change_within_wide_noise_is_not_flagged(tmp_path):
     cur = make_run(tmp_path / "cur", [_row("ort_cpu", 1, rng.lognormal(np.log(1.4), 0.7, 12))])
     result = compare_runs(cur, base, ABSOLUTE)
     (ch,) = latency_checks(result)
-    assert ch["current"] > ch["baseline"] * 1.25 and ch["status"] == "ok"
+    assert ch["current"] > ch["baseline"] * 1.25 and ch["status"] == "noisy"
 
 
 def test_a_whole_machine_slowdown_is_reported_not_gated_unless_absolute_gating_is_asked_for(tmp_path):
@@ -169,3 +169,61 @@ def test_check_prints_both_values_the_tolerance_and_the_noise(tmp_path, capsys):
     assert line.startswith("REGRESSED") and "tolerance +25%" in line and "95% interval" in line
     assert "->" in line and "absolute p50, same machine" in line
     assert "4 regressions" in out
+
+
+def _rounds_row(backend, rounds):
+    """A pooled row as the time stage writes it: every round's samples kept apart."""
+    row = _row(backend, 1, np.concatenate(rounds))
+    return {**row, "round_samples_ms": [list(r) for r in rounds]}
+
+
+def _process_runs(tmp_path, rng, base_speeds, cur_speeds, ort_scale=1.0):
+    """Two runs of three rounds each, every round a process whose whole speed differs (as on a shared VM):
+    tight calls within a round, the rounds apart by the given factors."""
+
+    def run(name, speeds, scale):
+        rows = [
+            _rounds_row(backend, [samples(rng, med * s * sc) for s in speeds])
+            for backend, med, sc in (("ort_cpu", 0.3, scale), ("torch_eager", 0.6, 1.0))
+        ]
+        return make_run(tmp_path / name, rows)
+
+    return run("cur", cur_speeds, ort_scale), run("base", base_speeds, 1.0)
+
+
+def test_process_to_process_speed_shifts_widen_the_interval_instead_of_failing_the_gate(tmp_path):
+    rng = np.random.default_rng(0)
+    # every process of the current run is 40% slower on ORT than the baseline's fastest ones, as whole
+    # processes on this VM differed (issue 14); within each round the calls are tight
+    cur, base = _process_runs(tmp_path, rng, [1.0, 1.4, 1.0], [1.4, 1.4, 1.0])
+    pooled = compare_runs(cur, base, ABSOLUTE)
+    assert pooled["regressions"] == []
+    (p50,) = [ch for ch in latency_checks(pooled) if ch["metric"] == "p50_ms[model/ort_cpu/1]"]
+    assert "3 round(s)" in p50["noise"] and p50["ci"][1] > 1.25  # the interval reaches the slow rounds
+    # the same calls without their rounds look like one tight measurement each: the shift passes for a finding
+    for run in (cur, base):
+        path = run / CONFIG / "latency.json"
+        lat = json.loads(path.read_text())
+        for row in lat["rows"]:
+            del row["round_samples_ms"]
+        path.write_text(json.dumps(lat))
+    (one,) = [ch for ch in latency_checks(compare_runs(cur, base, ABSOLUTE)) if ch["metric"] == p50["metric"]]
+    assert "1 round(s)" in one["noise"] and one["ci"][1] - one["ci"][0] < p50["ci"][1] - p50["ci"][0]
+
+
+def test_a_real_slowdown_in_every_round_is_flagged_despite_process_shifts(tmp_path):
+    rng = np.random.default_rng(1)
+    cur, base = _process_runs(tmp_path, rng, [1.0, 1.2, 1.0], [1.0, 1.2, 1.1], ort_scale=2.0)
+    flagged = {ch["metric"] for ch in compare_runs(cur, base)["regressions"]}
+    assert flagged == {"speedup_vs_eager[model/ort_cpu/1]"}
+
+
+def test_noise_wider_than_the_tolerance_is_reported_noisy_never_a_regression(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    cur, base = _process_runs(tmp_path, rng, [1.0, 1.5, 1.0], [1.5, 1.5, 1.0])
+    result = compare_runs(cur, base, ABSOLUTE)
+    noisy = [ch for ch in result["checks"] if ch["status"] == "noisy"]
+    assert noisy and result["regressions"] == [] and all(ch in result["not_gated"] for ch in noisy)
+    assert main(["check", str(cur), "--baseline", str(base), "--gate-absolute"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("NOISY"))
+    assert "noise too large to gate at" in line

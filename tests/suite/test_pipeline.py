@@ -60,6 +60,9 @@ def test_all_runs_every_stage_for_every_config(smoke_all_run):
         assert {r["variant"] for r in cpp["rows"]} == {
             r["variant"] for r in _json(folder / "latency.json")["rows"]
         }
+        for lat in (_json(folder / "latency.json"), cpp):  # every row kept each fresh process's calls
+            ok = [r for r in lat["rows"] if r["status"] == "ok"]
+            assert ok and all(len(r["round_samples_ms"]) == lat["rounds"] == 3 for r in ok)
     assert (smoke_all_run / "report.html").is_file()
 
 
