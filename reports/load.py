@@ -5,7 +5,6 @@ Knows the file names and kinds the stages write; refuses JSON from a newer schem
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,17 @@ class ReportError(Exception):
 
 
 def read_json(path: Path, kind: str | None = None) -> dict[str, Any] | None:
-    """A result file's contents, None when it does not exist."""
+    """A result file's contents, None when it does not exist; read through the suite's one validating reader
+    (suite/rundir.read_result: UTF-8, a JSON object, a schema version this capsbench understands)."""
+    from capsbench.suite.errors import CheckpointError
+    from capsbench.suite.rundir import read_result
+
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: unreadable result file ({e}); rerun the stage that writes it") from e
-    version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ReportError(f"{path}: schema_version {version!r} is newer than this report understands")
-    if kind is not None and data.get("kind") != kind:
-        raise ReportError(f"{path}: expected a '{kind}' result, found '{data.get('kind')}'")
-    return data
+        return read_result(path, kind)
+    except (OSError, CheckpointError) as e:
+        raise ReportError(str(e)) from e
 
 
 def load_config_dir(folder: Path) -> dict[str, Any] | None:
@@ -45,9 +42,11 @@ def load_config_dir(folder: Path) -> dict[str, Any] | None:
             result["parity"] = read_json(sub / "parity.json", "parity")
             prunes.append(result)
     sweeps = [read_json(p, "prune_sweep") for p in sorted(folder.glob("prune_sweep_*.json"))]
+    label = config.get("label")
     return {
         "id": config["config_id"],
-        "label": config["label"],
+        # A tampered label shows as invalid instead of breaking the report.
+        "label": label if isinstance(label, str) else f"(invalid label: {label!r})",
         "config": config["config"],
         "metrics": read_json(folder / "metrics.json", "metrics"),
         "health": read_json(folder / "health.json", "health"),

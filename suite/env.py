@@ -50,7 +50,10 @@ def environment(device: torch.device | None = None) -> dict:
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # The machine fingerprint (reports/compare.py) is cpu, cpu_count and gpu: hardware facts. cpu_threads
+        # is this process's torch setting (OMP_NUM_THREADS, --threads), informative only.
         "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
@@ -65,8 +68,8 @@ def environment(device: torch.device | None = None) -> dict:
         env["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else 0)
     if device is not None:
         env["device"] = str(device)
-        if device.type == "cuda":
-            env["gpu"] = torch.cuda.get_device_name(device)
     return env

@@ -114,37 +114,58 @@ def write_json(path: Path, kind: str, data: dict[str, Any]) -> Path:
     return atomic_write(Path(path), lambda f: f.write(json.dumps(payload, indent=2, sort_keys=False) + "\n"))
 
 
-def read_result(path: Path, kind: str) -> dict[str, Any]:
-    """Read a result file written by `write_json`, checking its kind and schema version."""
+class NewerSchemaError(CheckpointError):
+    """A result file written by a newer capsbench: refused, and never overwritten by this one."""
+
+
+def read_result(path: Path, kind: str | None) -> dict[str, Any]:
+    """Read a result file written by `write_json`: UTF-8 JSON holding an object of this kind and a schema
+    version this capsbench understands. Every result file of the suite is read through here."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: result file not found; run the stage that writes it first")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason}); delete it and rerun the stage") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(
             f"{path}: not valid JSON ({e}); delete it and rerun the stage (or use --force)"
         ) from e
-    if data.get("kind") != kind:
-        raise CheckpointError(f"{path}: expected a '{kind}' result, found '{data.get('kind')}'")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(data, dict):
         raise CheckpointError(
-            f"{path}: schema_version {version!r} is newer than this capsbench understands ({SCHEMA_VERSION}); "
-            "upgrade capsbench"
+            f"{path}: expected a JSON object, found {type(data).__name__}; delete it and rerun the stage"
         )
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise NewerSchemaError(
+            f"{path}: schema_version {version} is newer than this capsbench understands ({SCHEMA_VERSION}); "
+            "upgrade capsbench (the file is left as it is)"
+        )
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: no valid schema_version ({version!r}); delete it and rerun the stage")
+    if kind is not None and data.get("kind") != kind:
+        raise CheckpointError(f"{path}: expected a '{kind}' result, found '{data.get('kind')}'")
     return data
 
 
 def read_if_valid(path: Path, kind: str) -> dict[str, Any] | None:
-    """A result file's contents, or None when it is missing or unreadable (a stage's "is it done?" test)."""
+    """A result file's contents, or None when it is missing or unreadable (a stage's "is it done?" test). A file
+    of a newer schema raises NewerSchemaError: redoing the stage would overwrite it with an older schema."""
     try:
         return read_result(path, kind)
+    except NewerSchemaError:
+        raise
     except CheckpointError:
         return None
 
 
-def is_trained(out_dir: Path, metrics: str = METRICS_FILE) -> bool:
-    """Whether a config folder (or a fine-tuning's metrics file in it) holds a finished training."""
+def is_trained(out_dir: Path, metrics: str = METRICS_FILE, checkpoint: str | None = None) -> bool:
+    """Whether a config folder (or a fine-tuning's metrics file in it) holds a finished training: its metrics say
+    complete and its checkpoint is there (a deleted corrupt checkpoint means training again, not a crash later).
+    `checkpoint` defaults to checkpoint.pt for the trained net's metrics.json."""
     done = read_if_valid(Path(out_dir) / metrics, "metrics")
-    return done is not None and done.get("status") == "complete"
+    if checkpoint is None and metrics == METRICS_FILE:
+        checkpoint = CHECKPOINT_FILE
+    ckpt_ok = checkpoint is None or (Path(out_dir) / checkpoint).is_file()
+    return done is not None and done.get("status") == "complete" and ckpt_ok

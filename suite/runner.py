@@ -8,6 +8,7 @@ skipped by the stages themselves, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import traceback
@@ -22,6 +23,12 @@ from capsbench.suite.errors import CapsbenchError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.rundir import ERROR_FILE, PIPELINE_FILE, RUN_FILE, config_dir, read_if_valid, write_json
 from capsbench.suite.stages import Context, Settings, Stage
+from capsbench.suite.stages.base import (
+    isolated_torch_state,
+    provenance,
+    refuse_newer_results,
+    stale_reasons,
+)
 
 
 @dataclass(frozen=True)
@@ -64,33 +71,51 @@ def message_of(e: BaseException) -> str:
     return text if isinstance(e, CapsbenchError) else f"{type(e).__name__}: {text}"
 
 
-def _update_run_file(run_dir: Path, configs: list[RunConfig], names: list[str], info: dict, device) -> None:
-    """run.json: what was asked for, merged with what earlier commands on this run folder recorded."""
+def _update_run_file(run_dir: Path, result: RunResult, info: dict, device) -> None:
+    """run.json: written by the first invocation that finished some work on this run folder, then extended by
+    later ones with the configs and stages they finished. A failing invocation (nothing finished) leaves it as it
+    was, --configs X never narrows it, and what was measured on (`environment`, `started`) is kept from the
+    first write."""
+    finished = {cid: list(values) for cid, values in result.results.items() if cid and values}
+    if not finished:
+        return
     old = read_if_valid(run_dir / RUN_FILE, "run") or {}
     old.pop("schema_version", None), old.pop("kind", None)
     known = {c["config_id"]: c for c in old.get("configs", [])}
-    known.update({c.id: {"config_id": c.id, "label": c.label} for c in configs})
+    labels = {r["config_id"]: r["label"] for r in result.records}
+    known.update({cid: {"config_id": cid, "label": labels[cid]} for cid in finished})
+    done_stages = {n for names in finished.values() for n in names} | set(old.get("stages", []))
     write_json(
         run_dir / RUN_FILE,
         "run",
         {
-            **old,
             **info,
+            **old,
             "configs": list(known.values()),
-            "stages": [n for n in stages.MODULES if n in names or n in old.get("stages", [])],
-            # A resumed run keeps its start time (issue 14: resume keeps history); 'resumed' is this command's.
+            "stages": [n for n in stages.MODULES if n in done_stages],
             "started": old.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **({"resumed": time.strftime("%Y-%m-%dT%H:%M:%S%z")} if old.get("started") else {}),
-            "environment": environment(device),
+            "environment": old.get("environment") or environment(device),
+            # A resumed run keeps its start time (resume keeps history); 'updated' is the last command's.
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
 
 
 def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) -> tuple[bool, Any]:
     t0 = time.perf_counter()
+    stale = [] if stage.per_run else stale_reasons(stage, ctx.out, record.get(stage.name))
+    if stale and not ctx.settings.force:
+        ctx.log(f"    {stage.name}: redoing: {'; '.join(stale)} since it last ran")
+        ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, force=True))
     try:
-        up_to_date = stage.done(ctx)
-        result = stage.run(ctx)
+        if not stage.per_run:
+            refuse_newer_results(ctx.out, stage.writes)
+        with isolated_torch_state():
+            up_to_date = not stale and stage.done(ctx)
+            result = stage.run(ctx)
+        entry = {} if stage.per_run else provenance(stage, ctx.out)
+        if not ctx.settings.keep_intermediate:
+            _remove_intermediate(stage, ctx.out)
     except Exception as e:  # the error boundary: any failure of a stage is this config's, not the run's
         record[stage.name] = {
             "status": "failed",
@@ -104,13 +129,15 @@ def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) 
     before = record.get(stage.name)
     if up_to_date and isinstance(before, dict) and before.get("status") == "ok":
         # Resume keeps history: the stage's original record (its seconds) stays, marked cached.
-        record[stage.name] = {**before, "up_to_date": True, "cached": True}
+        record[stage.name] = {**before, **entry, "up_to_date": True, "cached": True}
         ctx.log(f"    {stage.name}: cached")
         return True, result
     record[stage.name] = {
         "status": "ok",
         "up_to_date": up_to_date,  # nothing was left to do: the stage's results were already there
         "seconds": round(time.perf_counter() - t0, 2),
+        **({"redone_because": stale} if stale else {}),
+        **entry,  # the content hashes of what it read and wrote (stages/base.py: provenance)
     }
     note = "cached" if up_to_date else f"{record[stage.name]['seconds']:.1f} s"
     ctx.log(f"    {stage.name}: ok ({note})")
@@ -189,6 +216,13 @@ def run_config(
     return outcome
 
 
+def _remove_intermediate(stage: Stage, out: Path) -> None:
+    """The files a stage needed only while it ran (surgery.pt, finetune.pt), once it is done."""
+    for pattern in stage.intermediate:
+        for path in Path(out).glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def run(
     configs: list[RunConfig],
     run_dir: Path,
@@ -226,6 +260,7 @@ def run(
         result.records.append(outcome.record)
         result.results.setdefault(cfg.id, {}).update(outcome.outputs)
         result.failures.extend(outcome.failures)
+    _update_run_file(run_dir, result, run_info or {}, device)  # before the report, which reads it
     for stage in (s for s in selected if s.per_run):
         ctx = Context(None, run_dir, run_dir, settings, lambda: None, device, log, shared)  # type: ignore[arg-type]
         ok, value = _run_stage(stage, ctx, {}, tb := [])

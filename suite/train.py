@@ -131,7 +131,7 @@ def train(
     if force:
         for name in (files.checkpoint, files.metrics):
             (out_dir / name).unlink(missing_ok=True)
-    elif is_trained(out_dir, files.metrics):
+    elif is_trained(out_dir, files.metrics, files.checkpoint):
         return read_result(out_dir / files.metrics, "metrics")
     write_json(
         out_dir / CONFIG_FILE, "config", {"config_id": cfg.id, "label": cfg.label, "config": cfg.to_dict()}

@@ -41,7 +41,12 @@ def register(sub) -> None:
     options.add_device(p)
     p.add_argument("--only", nargs="+", choices=stages.NAMES, default=None, help="run only these stages")
     p.add_argument("--skip", nargs="+", choices=stages.NAMES, default=[], help="skip these stages")
-    p.add_argument("--seeds", type=int, default=1, help="train every config with N seeds (seed, seed+1, ...)")
+    p.add_argument(
+        "--seeds",
+        type=options.positive_int,
+        default=1,
+        help="train every config with N seeds (seed, seed+1, ...)",
+    )
     p.add_argument(
         "--prune",
         type=_pair,
@@ -52,7 +57,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--finetune-epochs",
-        type=int,
+        type=options.nonnegative_int,
         default=None,
         help="fine-tune epochs after pruning (default: the preset's)",
     )
@@ -65,6 +70,11 @@ def register(sub) -> None:
         type=Path,
         default=None,
         help="a baseline run folder: the report shows regressions against it",
+    )
+    p.add_argument(
+        "--keep-intermediate",
+        action="store_true",
+        help="keep surgery.pt and finetune.pt after pruning (removed by default: a third of a run folder)",
     )
     p.add_argument("--force", action="store_true", help="redo finished stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

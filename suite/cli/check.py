@@ -10,7 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 from capsbench.reports.compare import Tolerances, compare_runs
+from capsbench.reports.completeness import completeness_problems
 from capsbench.reports.load import ReportError
+from capsbench.suite.cli.options import nonnegative_float, nonnegative_int
 from capsbench.suite.errors import CapsbenchError
 
 
@@ -27,22 +29,36 @@ def register(sub) -> None:
         "than --speedup-drop). A latency change counts only when the whole 95% bootstrap interval of the "
         "ratio, from both runs' raw timed calls resampled round (process) by round, lies beyond the "
         "tolerance; one whose interval crosses the tolerance is reported as NOISY ('noise too large to gate'), "
-        "a measurement marked unstable as UNSTABLE, both not gated and never a regression. A config of the baseline missing from the run also fails. Prints every "
-        "check with both values, the tolerance and the noise.",
+        "a measurement marked unstable as UNSTABLE, both not gated and never a regression. A config of the baseline missing from the run also fails. Refuses (exit 2) "
+        "to compare when either run has a failed stage (pipeline.json), lacks a result file the other has, or "
+        "holds a model.onnx that is not the file its export recorded. Prints every check with both values, the "
+        "tolerance and the noise.",
     )
     p.add_argument("run_dir", type=Path, help="the run to check")
     p.add_argument("--baseline", type=Path, required=True, help="the baseline run folder")
     p.add_argument(
-        "--accuracy-drop", type=float, default=d.accuracy_drop, help=f"absolute (default {d.accuracy_drop})"
+        "--accuracy-drop",
+        type=nonnegative_float,
+        default=d.accuracy_drop,
+        help=f"absolute (default {d.accuracy_drop})",
     )
     p.add_argument(
-        "--inactive-rise", type=int, default=d.inactive_rise, help=f"capsules (default {d.inactive_rise})"
+        "--inactive-rise",
+        type=nonnegative_int,
+        default=d.inactive_rise,
+        help=f"capsules (default {d.inactive_rise})",
     )
     p.add_argument(
-        "--speedup-drop", type=float, default=d.speedup_drop, help=f"relative (default {d.speedup_drop})"
+        "--speedup-drop",
+        type=nonnegative_float,
+        default=d.speedup_drop,
+        help=f"relative (default {d.speedup_drop})",
     )
     p.add_argument(
-        "--latency-rise", type=float, default=d.latency_rise, help=f"relative (default {d.latency_rise})"
+        "--latency-rise",
+        type=nonnegative_float,
+        default=d.latency_rise,
+        help=f"relative (default {d.latency_rise})",
     )
     p.add_argument(
         "--gate-absolute",
@@ -77,6 +93,9 @@ def run(args) -> int:
         args.accuracy_drop, args.inactive_rise, args.speedup_drop, args.latency_rise, args.gate_absolute
     )
     try:
+        if problems := completeness_problems(args.run_dir, args.baseline):
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CapsbenchError(f"cannot compare: {problems[0]}{more}")
         result = compare_runs(args.run_dir, args.baseline, tol)
     except ReportError as e:
         raise CapsbenchError(str(e)) from e

@@ -46,7 +46,9 @@ def register(sub) -> None:
         metavar="URL",
         help="download from this mirror (URL + file name) instead of the canonical addresses",
     )
-    fetch.add_argument("--retries", type=int, default=3, help="download attempts per file (default: 3)")
+    fetch.add_argument(
+        "--retries", type=options.positive_int, default=3, help="download attempts per file (default: 3)"
+    )
     fetch.add_argument("--quiet", action="store_true", help="no progress bars or messages on stderr")
     fetch.set_defaults(func=run_fetch)
 

@@ -21,10 +21,12 @@ def register(sub) -> None:
     )
     options.add_grid(p)
     options.add_data_dir(p)
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--opset", type=options.positive_int, default=None, help="ONNX opset (default: the exporter's)"
+    )
     p.add_argument(
         "--parity-images",
-        type=int,
+        type=options.positive_int,
         default=PARITY_IMAGES,
         help=f"test images for the parity check (default: {PARITY_IMAGES})",
     )

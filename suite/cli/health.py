@@ -19,7 +19,10 @@ def register(sub) -> None:
     )
     p.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/smoke")
     p.add_argument(
-        "--threshold", type=float, default=None, help="inactive threshold (default: the config's, 0.01)"
+        "--threshold",
+        type=options.nonnegative_float,
+        default=None,
+        help="inactive threshold (default: the config's, 0.01)",
     )
     p.add_argument("--output", default=rundir.HEALTH_FILE, help="file name to write in each config folder")
     options.add_data_dir(p)

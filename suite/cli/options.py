@@ -9,6 +9,59 @@ from capsbench.suite import data
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import RunConfig, get_preset
 
+# ------------------------------------------------------------------------------------- numeric option types
+# Every numeric option is checked while parsing, so a bad value is one line from argparse (exit 2) before any
+# work starts, never a SIGFPE inside ONNX Runtime or a traceback deep in a stage.
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and value != value:  # NaN passes every comparison below
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, epochs, iterations, image counts, threads)."""
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (warm-up runs, fine-tune epochs, seeds)."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(float, text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def ratio(text: str) -> float:
+    """A share to remove: in [0, 1)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text!r}")
+    return value
+
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -45,14 +98,17 @@ def add_grid(p: argparse.ArgumentParser) -> None:
         help="name of the run folder (default: the preset's name, so rerunning resumes it)",
     )
     p.add_argument("--dataset", choices=data.DATASETS, default=None, help="override the preset's dataset")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the preset's number of epochs")
     p.add_argument(
-        "--train-subset", type=int, default=None, help="override: train on the first N shuffled images"
+        "--train-subset",
+        type=positive_int,
+        default=None,
+        help="override: train on the first N shuffled images",
     )
     p.add_argument(
-        "--eval-subset", type=int, default=None, help="override: evaluate on the first N test images"
+        "--eval-subset", type=positive_int, default=None, help="override: evaluate on the first N test images"
     )
-    p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="override the preset's seed")
 
 
 def add_timing(p: argparse.ArgumentParser) -> None:
@@ -63,7 +119,7 @@ def add_timing(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--batch-sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=list(DEFAULT_BATCH_SIZES),
         metavar="N",
@@ -71,29 +127,35 @@ def add_timing(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--iters",
-        type=int,
+        type=positive_int,
         default=TimeSettings.iters,
         help="timed runs per batch size (default: %(default)s)",
     )
     p.add_argument(
-        "--warmup", type=int, default=TimeSettings.warmup, help="untimed runs (default: %(default)s)"
+        "--warmup",
+        type=nonnegative_int,
+        default=TimeSettings.warmup,
+        help="untimed runs (default: %(default)s)",
     )
     p.add_argument(
         "--max-seconds",
-        type=float,
+        type=positive_float,
         default=TimeSettings.max_seconds,
         help="stop timing a backend at one batch size after this many seconds, keeping at least 5 runs "
         "(default: %(default)s)",
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=TimeSettings.rounds,
         help="time the whole sweep this many times, each in a fresh process, so 'capsbench check' sees the "
         "spread between processes (default: %(default)s)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for ORT, C++ and torch (default: all cores)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for ORT, C++ and torch (default: all cores)",
     )
     p.add_argument(
         "--provider",
@@ -151,6 +213,7 @@ def stage_settings(args: argparse.Namespace, **parts):
     return Settings(
         device=getattr(args, "device", None),
         force=getattr(args, "force", False),
+        keep_intermediate=getattr(args, "keep_intermediate", False),
         progress=not getattr(args, "no_progress", True),
         **parts,
     )

@@ -38,9 +38,14 @@ def register(sub) -> None:
     options.add_data_dir(p)
     options.add_device(p)
     p.add_argument(
-        "--backbone", type=float, default=0.5, help="share of every backbone conv's channels to remove"
+        "--backbone",
+        type=options.ratio,
+        default=0.5,
+        help="share of every backbone conv's channels to remove",
     )
-    p.add_argument("--caps", type=float, default=0.5, help="share of PrimaryCaps capsule types to remove")
+    p.add_argument(
+        "--caps", type=options.ratio, default=0.5, help="share of PrimaryCaps capsule types to remove"
+    )
     p.add_argument(
         "--sweep",
         type=_ratios,
@@ -60,20 +65,20 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--finetune-epochs",
-        type=int,
+        type=options.nonnegative_int,
         default=pruning.DEFAULT_FINETUNE_EPOCHS,
         help=f"epochs of fine-tuning after surgery, 0 for none (default: {pruning.DEFAULT_FINETUNE_EPOCHS})",
     )
     p.add_argument(
         "--score-images",
-        type=int,
+        type=options.positive_int,
         default=pruning.DEFAULT_SCORE_IMAGES,
         help="training images the channel scores are computed on (default: 640). Per-image CHIP does one "
         "eigendecomposition per channel per image: on a CPU, lower this or use chip-mean for wide layers",
     )
     p.add_argument(
         "--intermediate",
-        type=float,
+        type=options.ratio,
         default=0.0,
         help="also remove this share of every intermediate capsule layer's capsules, the least active first "
         "(not output-preserving: routing re-normalises over the parents; default: 0)",
@@ -82,6 +87,11 @@ def register(sub) -> None:
         "--reinit-caps",
         action="store_true",
         help="re-initialise the routed capsule layers after pruning, as the paper's code does",
+    )
+    p.add_argument(
+        "--keep-intermediate",
+        action="store_true",
+        help="keep surgery.pt and finetune.pt after pruning (removed by default: a third of a run folder)",
     )
     p.add_argument("--force", action="store_true", help="redo finished settings instead of skipping them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")

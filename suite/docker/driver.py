@@ -338,6 +338,12 @@ def _stream_build(
 # ---------------------------------------------------------------------------------------------------- running
 
 
+def data_mount_mode(args: Sequence[str]) -> str:
+    """The datasets are mounted read-only: a benchmark only reads them (and verifies their checksums), so nothing
+    in the container can alter the host's data. Only `capsbench data ...` (fetching into it) gets them writable."""
+    return "rw" if list(args)[:1] == ["data"] else "ro"
+
+
 def run_container(
     args: Sequence[str],
     *,
@@ -376,7 +382,7 @@ def run_container(
     user = user or f"{os.getuid()}:{os.getgid()}"
     log(
         f"docker run {image} capsbench {' '.join(args)}  (gpus: {'all' if devices else 'none'}, network {network}, "
-        f"user {user}, data {data.absolute()} -> /data, runs {runs.absolute()} -> /runs)"
+        f"user {user}, data {data.absolute()} -> /data ({data_mount_mode(args)}), runs {runs.absolute()} -> /runs)"
     )
     container = None
     try:
@@ -387,7 +393,7 @@ def run_container(
             user=user,
             device_requests=devices or None,
             volumes={
-                str(data.absolute()): {"bind": "/data", "mode": "rw"},
+                str(data.absolute()): {"bind": "/data", "mode": data_mount_mode(args)},
                 str(runs.absolute()): {"bind": "/runs", "mode": "rw"},
             },
             environment=env or {},

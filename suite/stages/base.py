@@ -7,7 +7,8 @@ any failure and goes on with the next config.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ class Settings:
     device: str | None = None
     force: bool = False
     progress: bool = True
+    keep_intermediate: bool = False  # keep surgery.pt and finetune.pt after their stage is done
 
 
 @dataclass
@@ -75,3 +77,79 @@ class Stage:
     help: str = ""
     gate: bool = False
     per_run: bool = False  # runs once for the run folder after every config (the report)
+    intermediate: tuple[str, ...] = ()  # written along the way, removed once the stage is done
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+# The one place where "done" is checked against content: after a stage succeeds, the runner records the SHA-256
+# of every file it read and wrote (its `reads` and `writes` patterns in the config folder) in pipeline.json. Next
+# time, a recorded file whose content changed or that is gone means the stage is not done, whatever its own
+# done() says, and the runner redoes it (with force) and says which file changed. So retraining a base redoes the
+# pruned nets made from it, and a swapped model.onnx is exported (and timed) again.
+
+
+def file_hashes(out: Path, patterns: tuple[str, ...]) -> dict[str, str]:
+    """{path relative to `out`: sha256} of the files matching `patterns` in `out`."""
+    from capsbench.suite.rundir import sha256
+
+    paths = {p for pattern in patterns for p in Path(out).glob(pattern) if p.is_file()}
+    return {str(p.relative_to(out)): sha256(p) for p in sorted(paths)}
+
+
+def provenance(stage: Stage, out: Path) -> dict[str, dict[str, str]]:
+    return {"inputs": file_hashes(out, stage.reads), "outputs": file_hashes(out, stage.writes)}
+
+
+def refuse_newer_results(out: Path, patterns: tuple[str, ...]) -> None:
+    """Raise NewerSchemaError when a result file the stage would write holds a newer schema: redoing the stage
+    (even with --force) would overwrite it with an older one."""
+    from capsbench.suite.rundir import NewerSchemaError, read_result
+
+    for pattern in patterns:
+        for path in Path(out).glob(pattern):
+            if path.suffix == ".json" and path.is_file():
+                try:
+                    read_result(path, None)
+                except NewerSchemaError:
+                    raise
+                except Exception:  # an unreadable file is the stage's to redo
+                    pass
+
+
+def stale_reasons(stage: Stage, out: Path, recorded: dict | None) -> list[str]:
+    """Why a stage's recorded work no longer holds: files it read or wrote that changed or went since then.
+    Files that are new since then are the stage's own done() to judge (e.g. another pruning folder)."""
+    if not recorded or recorded.get("status") != "ok":
+        return []
+    reasons = []
+    for part, verb in (("inputs", "read"), ("outputs", "wrote")):
+        for name, digest in (recorded.get(part) or {}).items():
+            path = Path(out) / name
+            if not path.is_file():
+                reasons.append(f"{name} (which it {verb}) is gone")
+            elif file_hashes(out, (name,)).get(name) != digest:
+                reasons.append(f"{name} (which it {verb}) changed")
+    return reasons
+
+
+# --------------------------------------------------------------------------------------- global torch state
+
+
+@contextlib.contextmanager
+def isolated_torch_state() -> Iterator[None]:
+    """Run a stage with the process's torch globals as they were before it and restore them after, so no
+    stage's settings (the time stage's thread count, training's deterministic algorithms, the RNG) leak into the
+    next stage or the next config: a run's numbers do not depend on which stages ran before in this process
+    (a resumed run equals an uninterrupted one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_rng_state(rng)

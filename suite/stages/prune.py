@@ -409,4 +409,5 @@ STAGE = Stage(
     run=run,
     done=done,
     help="channel-prune, fine-tune and measure health again",
+    intermediate=("prune_*/" + SURGERY_FILE, "prune_*/" + FINETUNE_FILES.checkpoint),
 )

@@ -62,6 +62,25 @@ def finished_latency(path: Path, settings: TimeSettings, onnx_shas: dict[str, st
     return res if same and res.get("status") == "complete" else None
 
 
+def verified_onnx(out: Path, variants: list[rundir.Variant]) -> dict[str, str]:
+    """{variant: sha256 of its model.onnx}, after checking that each file is the one export wrote (the hash in
+    export.json) from the checkpoint that is there now: nothing measures a swapped or stale model."""
+    shas = {}
+    for v in variants:
+        info = read_result(out / v.export, "export")
+        if info.get("checkpoint_sha256") != sha256(out / v.checkpoint):
+            raise CheckpointError(
+                f"{out / v.onnx}: exported from an older {v.checkpoint}; run 'capsbench export' again first"
+            )
+        shas[v.name] = sha256(out / v.onnx)
+        if info.get("onnx_sha256") != shas[v.name]:
+            raise CheckpointError(
+                f"{out / v.onnx}: not the file export wrote (sha256 {shas[v.name][:12]}, export.json records "
+                f"{str(info.get('onnx_sha256'))[:12]}); run 'capsbench export --force' first"
+            )
+    return shas
+
+
 def time_config(
     cfg: RunConfig,
     out_dir: Path,
@@ -83,12 +102,7 @@ def time_config(
         if not rundir.is_trained(out):
             raise CheckpointError(not_trained_message(cfg, out))
         raise CheckpointError(f"{cfg.id}: no exported model in {out}; run 'capsbench export' first")
-    for v in variants:
-        if read_result(out / v.export, "export").get("checkpoint_sha256") != sha256(out / v.checkpoint):
-            raise CheckpointError(
-                f"{out / v.onnx}: exported from an older {v.checkpoint}; run 'capsbench export' again first"
-            )
-    shas = {v.name: sha256(out / v.onnx) for v in variants}
+    shas = verified_onnx(out, variants)
     if not force and (done := finished_latency(out / LATENCY_FILE, settings, shas)) is not None:
         return {**done, "skipped": True}
 
@@ -280,7 +294,13 @@ def run(ctx: Context) -> dict:
 
 STAGE = Stage(
     "time",
-    reads=(rundir.ONNX_FILE, rundir.EXPORT_FILE, rundir.CHECKPOINT_FILE),
+    reads=(
+        rundir.ONNX_FILE,
+        rundir.EXPORT_FILE,
+        rundir.CHECKPOINT_FILE,
+        "prune_*/" + rundir.ONNX_FILE,
+        "prune_*/" + rundir.EXPORT_FILE,
+    ),
     writes=(LATENCY_FILE,),
     run=run,
     done=done,

@@ -1,0 +1,345 @@
+"""Nothing wrong taken as right (issue 13): crafted checkpoints, stale and swapped artifacts, history-dependent
+results, incomplete or failed runs passing `check`, run.json rewritten by failures, unvalidated numbers, and
+leftover files. One test per defect, on a tiny real run (Fashion-MNIST, 256 images, one epoch)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsbench.reports.compare import machine_fingerprint
+from capsbench.suite import rundir
+from capsbench.suite.checkpoints import read_checkpoint
+from capsbench.suite.cli import main
+from capsbench.suite.env import environment
+from capsbench.suite.errors import CheckpointError
+from capsbench.suite.presets import get_preset
+
+SHALLOW = get_preset("smoke").configs()[0]
+TINY = ["--train-subset", "256", "--eval-subset", "128", "--epochs", "1"]
+CFG = SHALLOW.replace(train_subset=256, eval_subset=128, epochs=1)
+PRUNE = "prune_chip_b0.25_c0.25"
+
+
+def _all(runs: Path, data_dir: Path, *extra: str) -> int:
+    args = ["all", "--runs-dir", str(runs), "--data-dir", str(data_dir), "--configs", SHALLOW.id, *TINY]
+    return main([*args, "--finetune-epochs", "1", "--no-progress", *extra])
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fashion_data_dir) -> Path:
+    """One config trained, pruned (one fine-tune epoch) and exported: the folder every test copies."""
+    runs = tmp_path_factory.mktemp("integrity")
+    assert _all(runs, fashion_data_dir, "--only", "train", "prune", "export") == 0
+    return runs / "smoke"
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    dst = tmp_path / "runs" / "smoke"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------- 1. crafted checkpoint
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_checkpoint_does_not_run_code_when_loaded(tmp_path):
+    marker, ckpt = tmp_path / "pwned", tmp_path / "checkpoint.pt"
+    torch.save({"model": _Exploit(marker), "config_id": CFG.id}, ckpt)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        read_checkpoint(CFG, ckpt)
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------------------- 2. provenance
+
+
+def test_retraining_a_base_redoes_its_pruned_children(run_copy, fashion_data_dir, capsys):
+    runs, folder = run_copy.parent, run_copy / CFG.id
+    old_pruned = rundir.sha256(folder / PRUNE / rundir.PRUNED_FILE)
+    # Another base under the same config, as `train --force` with other code gives (the same code retrains the
+    # same bytes): new weights, recorded by the train stage as its output.
+    state = torch.load(folder / rundir.CHECKPOINT_FILE, weights_only=True)
+    state["model"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, folder / rundir.CHECKPOINT_FILE)
+    pipeline = _json(folder / rundir.PIPELINE_FILE)
+    pipeline["train"]["outputs"][rundir.CHECKPOINT_FILE] = rundir.sha256(folder / rundir.CHECKPOINT_FILE)
+    (folder / rundir.PIPELINE_FILE).write_text(json.dumps(pipeline))
+    capsys.readouterr()
+    assert _all(runs, fashion_data_dir, "--only", "train", "prune", "export") == 0
+    out = capsys.readouterr().out
+    assert "train: cached" in out, out
+    assert "prune: redoing: checkpoint.pt (which it read) changed" in out, out
+    assert "export: redoing: checkpoint.pt (which it read) changed" in out, out
+    assert any("checkpoint.pt" in r for r in _json(folder / rundir.PIPELINE_FILE)["prune"]["redone_because"])
+    assert rundir.sha256(folder / PRUNE / rundir.PRUNED_FILE) != old_pruned
+    assert not (folder / PRUNE / rundir.SURGERY_FILE).exists()
+
+
+def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_all(
+    run_copy, tiny_run, fashion_data_dir, capsys
+):
+    runs = run_copy.parent
+    folder = run_copy / CFG.id
+    shutil.copy(folder / PRUNE / rundir.ONNX_FILE, folder / rundir.ONNX_FILE)  # another model in its place
+    run_json = (run_copy / rundir.RUN_FILE).read_bytes()
+    common = ["--runs-dir", str(runs), "--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id, *TINY]
+    timing = ["--batch-sizes", "1", "--iters", "1", "--warmup", "0"]
+    capsys.readouterr()
+    assert main(["check", str(run_copy), "--baseline", str(tiny_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot compare" in err and "model.onnx: not the file its export recorded" in err
+    assert len(err.splitlines()) == 1
+    assert main(["time", *common, *timing]) == 2
+    assert "not the file export wrote" in capsys.readouterr().err
+    assert main(["all", *common, *timing, "--only", "cpp", "--no-progress"]) == 2
+    assert "not the file export wrote" in capsys.readouterr().err
+    assert not (folder / rundir.LATENCY_FILE).exists()
+    # A failing invocation leaves run.json as it was.
+    assert (run_copy / rundir.RUN_FILE).read_bytes() == run_json
+    # The runner sees that export's output changed and exports again.
+    assert _all(runs, fashion_data_dir, "--only", "export") == 0
+    assert "export: redoing: model.onnx (which it wrote) changed" in capsys.readouterr().out
+    assert rundir.sha256(folder / rundir.ONNX_FILE) == _json(folder / rundir.EXPORT_FILE)["onnx_sha256"]
+    assert rundir.sha256(folder / rundir.ONNX_FILE) == rundir.sha256(tiny_run / CFG.id / rundir.ONNX_FILE)
+
+
+# ------------------------------------------------------------------------------- 3. history-free global state
+
+
+def test_a_stage_s_thread_count_does_not_leak_into_the_next_stage(run_copy, fashion_data_dir):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    timing = ["--batch-sizes", "1", "--iters", "1", "--warmup", "0", "--threads", str(other)]
+    assert _all(run_copy.parent, fashion_data_dir, "--only", "time", *timing) == 0
+    assert _json(run_copy / CFG.id / rundir.LATENCY_FILE)["settings"]["threads"] == other
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fashion_data_dir):
+    """Both smoke configs through train, export and time (one thread). Uninterrupted, the second config trains
+    after the first one's timing in the same process; killed (SIGKILL) once the first one's latency.json is
+    there and resumed, it trains in a process that timed nothing. Accuracies and ONNX bytes must not differ
+    (they did while the time stage's thread count leaked into the next training)."""
+    deep = get_preset("smoke").configs()[1]
+    ids = [CFG.id, deep.replace(**_tiny()).id]
+
+    def cmd(runs: Path) -> list[str]:
+        return [
+            *[sys.executable, "-m", "capsbench.suite.cli", "all", "--runs-dir", str(runs)],
+            *["--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id, deep.id, *TINY],
+            *["--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--threads", "1", "--no-progress"],
+            *["--only", "train", "export", "time"],
+        ]
+
+    def outcome(runs: Path) -> dict:
+        folders = [runs / "smoke" / cid for cid in ids]
+        return {
+            "accuracy": [_json(f / rundir.METRICS_FILE)["test_accuracy"] for f in folders],
+            "onnx": [rundir.sha256(f / rundir.ONNX_FILE) for f in folders],
+        }
+
+    whole = tmp_path / "whole"
+    done = subprocess.run(cmd(whole), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "smoke" / ids[0] / rundir.LATENCY_FILE
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "smoke" / ids[1] / rundir.METRICS_FILE).exists(), "the kill came too late"
+    done = subprocess.run(cmd(killed), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "time: cached" in done.stdout
+    assert outcome(killed) == outcome(whole)
+
+
+# ---------------------------------------------------------------------------------------- 4. check refuses
+
+
+def test_check_refuses_a_run_with_missing_results(run_copy, tiny_run, capsys):
+    (run_copy / CFG.id / rundir.PARITY_FILE).unlink()
+    capsys.readouterr()
+    assert main(["check", str(run_copy), "--baseline", str(tiny_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"config {CFG.id} lacks parity.json (the baseline has them)" in err and len(err.splitlines()) == 1
+
+
+def test_check_refuses_a_run_with_a_failed_stage(run_copy, tiny_run, capsys):
+    path = run_copy / CFG.id / rundir.PIPELINE_FILE
+    pipeline = _json(path)
+    pipeline["export"]["status"] = "failed"
+    path.write_text(json.dumps(pipeline))
+    capsys.readouterr()
+    assert main(["check", str(run_copy), "--baseline", str(tiny_run)]) == 2
+    assert "stage export failed (pipeline.json)" in capsys.readouterr().err
+    assert main(["check", str(tiny_run), "--baseline", str(tiny_run)]) == 0  # the untouched run passes
+
+
+# ------------------------------------------------------------------------------------------------ 5. run.json
+
+
+def test_run_json_is_not_narrowed_and_the_fingerprint_ignores_thread_settings(run_copy, fashion_data_dir):
+    run_file = run_copy / rundir.RUN_FILE
+    first = _json(run_file)
+    assert [c["config_id"] for c in first["configs"]] == [CFG.id]
+    # Another config of the preset, run alone: the first one stays listed, and `started` and the environment
+    # are the first invocation's.
+    deep = get_preset("smoke").configs()[1]
+    args = ["all", "--runs-dir", str(run_copy.parent), "--data-dir", str(fashion_data_dir), *TINY]
+    assert main([*args, "--configs", deep.id, "--only", "train", "--no-progress"]) == 0
+    second = _json(run_file)
+    assert {c["config_id"] for c in second["configs"]} == {CFG.id, deep.replace(**_tiny()).id}
+    assert second["started"] == first["started"] and second["environment"] == first["environment"]
+    threads = torch.get_num_threads()
+    try:
+        a = machine_fingerprint(environment())
+        torch.set_num_threads(1 if threads != 1 else 2)
+        assert machine_fingerprint(environment()) == a
+    finally:
+        torch.set_num_threads(threads)
+    assert a[1] == os.cpu_count()
+
+
+def _tiny() -> dict:
+    return {"train_subset": 256, "eval_subset": 128, "epochs": 1}
+
+
+# --------------------------------------------------------------------------------- 6. validation and reading
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["time", "--batch-sizes", "1", "0"],
+        ["time", "--batch-sizes", "-1"],
+        ["time", "--iters", "0"],
+        ["time", "--warmup", "-1"],
+        ["time", "--max-seconds", "nan"],
+        ["time", "--threads", "0"],
+        ["all", "--train-subset", "0"],
+        ["all", "--epochs", "0"],
+        ["all", "--seeds", "0"],
+        ["all", "--criterion", "bogus"],
+        ["all", "--prune", "1.0,0.5"],
+        ["prune", "--backbone", "1"],
+        ["prune", "--caps", "-0.1"],
+        ["prune", "--score-images", "0"],
+        ["export", "--parity-images", "0"],
+        ["check", "runs/x", "--baseline", "runs/y", "--accuracy-drop", "-1"],
+    ],
+)
+def test_bad_numbers_are_refused_while_parsing_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"capsbench {argv[0]}: error: argument")
+
+
+def test_a_corrupt_or_deleted_checkpoint_is_trained_again(run_copy, fashion_data_dir, capsys):
+    ckpt = run_copy / CFG.id / rundir.CHECKPOINT_FILE
+    good = _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"]
+    ckpt.write_bytes(b"garbage")
+    capsys.readouterr()
+    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0
+    assert "train: redoing: checkpoint.pt (which it wrote) changed" in capsys.readouterr().out
+    assert read_checkpoint(CFG, ckpt)["config_id"] == CFG.id
+    assert _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"] == good  # the same training again
+    ckpt.unlink()  # what the corrupt-checkpoint message advises
+    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "health", "export") == 0
+    assert _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"] == good
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"schema_version": 1, "kind": "metrics", "x": "\xff"}', "not UTF-8"),
+        (b"7", "expected a JSON object"),
+    ],
+)
+def test_result_files_that_are_not_utf8_objects_are_refused_cleanly(tmp_path, content, message):
+    path = tmp_path / "metrics.json"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        rundir.read_result(path, "metrics")
+    assert rundir.read_if_valid(path, "metrics") is None
+
+
+def test_a_newer_schema_is_refused_and_never_overwritten(run_copy, fashion_data_dir, capsys):
+    path = run_copy / CFG.id / rundir.METRICS_FILE
+    newer = {**_json(path), "schema_version": rundir.SCHEMA_VERSION + 1}
+    path.write_text(json.dumps(newer))
+    before = path.read_bytes()
+    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "--force") == 2
+    assert "newer than this capsbench understands" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_a_tampered_label_shows_as_invalid_in_the_report(run_copy):
+    path = run_copy / CFG.id / rundir.CONFIG_FILE
+    path.write_text(json.dumps({**_json(path), "label": 7}))
+    assert main(["report", str(run_copy)]) == 0
+    assert "(invalid label: 7)" in (run_copy / rundir.REPORT_FILE).read_text()
+
+
+# ------------------------------------------------------------------------------------ 7. files and processes
+
+
+def test_intermediate_checkpoints_are_removed_once_pruning_is_done(tiny_run):
+    sub = tiny_run / CFG.id / PRUNE
+    assert (sub / rundir.PRUNED_FILE).is_file()
+    assert not (sub / rundir.SURGERY_FILE).exists() and not (sub / rundir.FINETUNE_CHECKPOINT).exists()
+
+
+def test_the_dataset_is_mounted_read_only_in_the_container():
+    from capsbench.suite.docker.driver import data_mount_mode
+
+    assert data_mount_mode(["all", "--preset", "smoke"]) == "ro"
+    assert data_mount_mode(["data", "fetch", "fashion-mnist"]) == "rw"
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path):
+    """A SIGTERM'd capsbench ends through the KeyboardInterrupt path (exit 130, its message), so `with` blocks
+    remove their temp folders and subprocess.run kills its child."""
+    code = (
+        "import os, signal, sys, threading\n"
+        "from capsbench.suite.cli import main\n"
+        "from capsbench.suite.cli import options\n"
+        "def slow(args):\n"
+        "    import tempfile, time\n"
+        f"    with tempfile.TemporaryDirectory(prefix='capsbench-', dir={str(tmp_path)!r}):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
+        "import capsbench.suite.cli.presets as p\n"
+        "p.run = slow\n"
+        "sys.exit(main(['presets']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 130, res.stderr
+    assert "interrupted" in res.stderr
+    assert list(tmp_path.glob("capsbench-*")) == []
