@@ -24,6 +24,7 @@ COMMANDS = (
     "time",
     "report",
     "check",
+    "bench",
     "docker",
     "doctor",
 )
