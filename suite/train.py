@@ -116,6 +116,7 @@ def train(
     epochs: int | None = None,
     files: StageFiles = TRAIN_FILES,
     label: str = "train",
+    compile_mode: str | None = None,
 ) -> dict:
     """Train (or resume, or skip when finished) one config; returns the metrics written to `files.metrics`.
 
@@ -123,6 +124,11 @@ def train(
     one, for `epochs` epochs (default: the config's); the checkpoint records the network's own architecture.
     `label` names the stage in the progress output ("train", "finetune", ...). The progress bar is drawn only
     when stderr is a terminal; in a log file the output is one line per epoch.
+
+    `compile_mode`: a torch.compile mode ("default", "max-autotune", or on CUDA "reduce-overhead" for CUDA graphs)
+    for the training forward (and, through AOTAutograd, its backward); None trains eager. Off by default: on
+    2 CPU threads the first compile (tens of seconds per net) outweighs its gain on a smoke run (see
+    `capsbench bench train`). The checkpoint holds the eager module's weights either way.
     """
     out_dir = Path(out_dir)
     device = pick_device(device) if not isinstance(device, torch.device) else device
@@ -148,6 +154,11 @@ def train(
     elif model is None:
         model = build_capsnet(cfg.model)
     model = model.to(device)
+    forward = (
+        model
+        if compile_mode is None
+        else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
     if state is not None:
@@ -158,11 +169,15 @@ def train(
 
     n = len(splits.train_x)
     steps = math.ceil(n / cfg.batch_size)
+    # These datasets fit on any device: move them once (uint8) so a step is an index and a float conversion.
+    train_x, train_y = splits.train_x.to(device), splits.train_y.to(device)
     t_start = time.perf_counter()
     for epoch in range(start_epoch, epochs + 1):
         model.train()
         # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches of an uninterrupted one.
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).to(
+            device
+        )
         loss_sum, correct, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         bar = tqdm(
@@ -179,8 +194,8 @@ def train(
         with ccm_maps or contextlib.nullcontext():
             for step in bar:
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                x, y = to_input(splits.train_x[idx], device), splits.train_y[idx].to(device)
-                v = model(x)
+                x, y = train_x[idx].float().div_(255.0), train_y[idx]
+                v = forward(x)
                 lengths = CapsNet.lengths(v)
                 loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
                 if model.decoder is not None:

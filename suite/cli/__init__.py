@@ -26,6 +26,7 @@ COMMANDS = (
     "time",
     "report",
     "check",
+    "bench",
     "docker",
     "doctor",
 )

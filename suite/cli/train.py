@@ -16,6 +16,16 @@ def register(sub) -> None:
     options.add_grid(p)
     options.add_data_dir(p)
     options.add_device(p)
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="train with torch.compile (MODE: default, max-autotune; on CUDA reduce-overhead = CUDA graphs, "
+        "untested here). Off by default: on a 2-core CPU the first compile costs more than it saves on small "
+        "runs ('capsbench bench train' measures both)",
+    )
     p.add_argument("--force", action="store_true", help="retrain finished configs instead of skipping them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     p.set_defaults(func=run)
@@ -24,7 +34,9 @@ def register(sub) -> None:
 def run(args) -> int:
     configs = options.select_configs(args)
     out = options.run_dir(args)
-    result = options.run_stages(args, configs, ["train", "health"], options.stage_settings(args))
+    result = options.run_stages(
+        args, configs, ["train", "health"], options.stage_settings(args, compile_mode=args.compile)
+    )
     print(summary.format_summary(summary.summary_rows(out, [c.id for c in configs])))
     print(f"results: {out}")
     return result.exit_code

@@ -44,6 +44,7 @@ class Settings:
     health_output: str | None = None  # None: health.json, measured when older than the checkpoint
     baseline: Path | None = None  # the report's baseline run folder
     device: str | None = None
+    compile_mode: str | None = None  # train: a torch.compile mode for the training forward; None = eager
     force: bool = False
     progress: bool = True
     keep_intermediate: bool = False  # keep surgery.pt and finetune.pt after their stage is done

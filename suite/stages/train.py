@@ -19,6 +19,7 @@ def run(ctx: Context) -> dict:
             device=ctx.device,
             force=ctx.settings.force,
             progress=ctx.settings.progress,
+            compile_mode=ctx.settings.compile_mode,
         )
     except DivergenceError as e:
         training.write_failure(ctx.out, ctx.cfg, "diverged", str(e))

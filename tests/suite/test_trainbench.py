@@ -1,0 +1,66 @@
+"""`capsbench bench train`: the training-step benchmark's FLOP count, its step, and its result file."""
+
+import pytest
+import torch
+from torch import nn
+
+from capsbench.models import build_capsnet
+from capsbench.models.pruning import count_flops
+from capsbench.suite import trainbench
+from capsbench.suite.cli import main
+from capsbench.suite.presets import get_preset
+from capsbench.suite.rundir import read_result
+
+SABOUR = get_preset("sabour").configs()[0]
+SMOKE = get_preset("smoke").configs()
+
+
+def test_train_gflop_counts_three_forwards_and_the_decoder():
+    model = build_capsnet(SABOUR.model)
+    m = SABOUR.model
+    forward = count_flops(model, (m.in_channels, m.image_size, m.image_size))
+    decoder = 16 * 10 * 512 + 512 * 1024 + 1024 * 28 * 28
+    assert trainbench.forward_macs(model)["decoder"] == decoder
+    assert trainbench.train_gflop_per_image(model) == pytest.approx(3 * 2 * (forward + decoder) / 1e9)
+
+
+def test_the_benchmarked_step_updates_every_parameter(fashion_data_dir):
+    cfg = SABOUR.replace(batch_size=4)
+    torch.manual_seed(0)
+    model = build_capsnet(cfg.model).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = trainbench.preloaded_batch(cfg, torch.device("cpu"), fashion_data_dir)
+    assert x.dtype == torch.float32 and float(x.min()) >= 0 and float(x.max()) <= 1 and x.shape[0] == 4
+    trainbench.make_step(model, cfg)(x, y)
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, f"the step left these parameters alone: {unchanged}"
+    assert any(isinstance(m, nn.Linear) for m in model.decoder.modules())
+
+
+def test_bench_train_cli_writes_a_train_bench_result(tmp_path, fashion_data_dir):
+    out = tmp_path / "train_bench.json"
+    args = ["bench", "train", "--preset", "smoke", "--backend", "eager", "--steps", "2", "--warmup", "0"]
+    code = main([*args, "--device", "cpu", "--data-dir", str(fashion_data_dir), "--out", str(out)])
+    assert code == 0
+    result = read_result(out, "train_bench")
+    assert result["schema_version"] >= 1 and result["gemm"]["gflops_per_s"] > 0
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["backend"] == "eager" and row["batch"] == SMOKE[0].batch_size
+    assert row["config_id"] == trainbench.heaviest_config("smoke").id
+    assert row["gflops_per_s"] == pytest.approx(row["images_per_s"] * row["train_gflop_per_image"])
+    assert row["gemm_fraction"] == pytest.approx(row["gflops_per_s"] / result["gemm"]["gflops_per_s"])
+    assert row["images_per_s"] == pytest.approx(row["batch"] / row["step_s_p50"])
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_one(fashion_data_dir):
+    cfg = next(c for c in SMOKE if c.model.depth == 0).replace(batch_size=32)
+    x, y = trainbench.preloaded_batch(cfg, torch.device("cpu"), fashion_data_dir)
+    rows = {
+        backend: trainbench.bench_config(
+            cfg, x, y, backend=backend, device=torch.device("cpu"), warmup=1, steps=2
+        )
+        for backend in trainbench.BACKENDS
+    }
+    assert rows["compiled"]["status"] == "ok", rows["compiled"].get("error")
+    assert rows["compiled"]["final_loss"] == pytest.approx(rows["eager"]["final_loss"], rel=1e-3)
