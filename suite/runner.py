@@ -241,7 +241,6 @@ def run(
     run_dir, settings = Path(run_dir), settings or Settings()
     selected = stages.select(names)
     device = pick_device(settings.device)
-    _update_run_file(run_dir, configs, list(names), run_info or {}, device)
     result, shared = RunResult(run_dir), {}
     per_config = [s.name for s in selected if not s.per_run]
     # Absolute paths: an executor may run configs in processes with another working directory (Ray workers).
