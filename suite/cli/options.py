@@ -99,7 +99,7 @@ def add_timing(p: argparse.ArgumentParser) -> None:
 
 def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The preset's configs with the command line's overrides and filters applied."""
-    configs = get_preset(args.preset).configs()
+    configs = get_preset(args.preset).configs(getattr(args, "seeds", None))
     overrides = {
         k: getattr(args, k)
         for k in ("dataset", "epochs", "train_subset", "eval_subset", "seed")
@@ -119,7 +119,7 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
                 f"no config of preset {args.preset!r} matches {args.configs}; "
                 f"see 'capsbench presets --preset {args.preset}' for the ids"
             )
-    return [o for _, o in pairs]
+    return list(dict.fromkeys(o for _, o in pairs))  # --seed on a multi-seed preset leaves one of each
 
 
 def run_dir(args: argparse.Namespace) -> Path:
