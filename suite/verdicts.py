@@ -74,7 +74,7 @@ def _entry(claim: str, diffs: list[float], direction: int, test: str, effect_nam
     verdict, interval = paired_verdict(diffs, direction)
     if verdict == "not testable" and len(diffs) < MIN_UNITS:
         note = (
-            f"{len(diffs)} paired unit(s), fewer than {MIN_UNITS}: too small a run to test this claim. {note}"
+            f"{len(diffs)} paired unit(s), fewer than {MIN_UNITS}: too small a run to test this claim; {note}"
         )
     return {
         "claim": claim,
@@ -171,9 +171,10 @@ def _deeper(configs: list[dict], claim: str) -> dict:
         f"paired by capsule shape and seed, deepest minus shallowest depth ({depths}): mean difference, "
         f"{int(LEVEL * 100)}% bootstrap interval ({RESAMPLES} resamples), two-sided sign test"
     )
-    note = "" if diffs else "no capsule shape and seed was trained at two depths"
+    notes = [] if diffs else ["no capsule shape and seed was trained at two depths"]
     if claim == "deeper_loses_accuracy":
-        note += " 'held': deeper nets are less accurate beyond seed noise; 'did not hold': they are more accurate."
+        notes.append("'held': deeper nets are less accurate beyond seed noise; 'did not hold': more accurate")
+    note = "; ".join(notes)
     return _entry(claim, diffs, direction, test, f"difference in {what} (deeper - shallower)", note)
 
 
