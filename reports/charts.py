@@ -116,9 +116,10 @@ def _draw_series(ax, s: Series, chart_id: str, a: int, i: int, band: bool, log_y
                 f"spread-{chart_id}-a{a}-s{i}"
             )
         else:
+            # max(0, ...): the mean of equal values can round a hair past them (three seeds all at 10.70 %)
             err = [
-                [m - lo_ for m, lo_ in zip(mean, lo, strict=True)],
-                [h - m for m, h in zip(mean, hi, strict=True)],
+                [max(0.0, m - lo_) for m, lo_ in zip(mean, lo, strict=True)],
+                [max(0.0, h - m) for m, h in zip(mean, hi, strict=True)],
             ]
             bars = ax.errorbar(s.x, mean, yerr=err, fmt="none", ecolor=line.get_color(), elinewidth=1)
             for j, part in enumerate(bars.lines[2]):

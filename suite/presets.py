@@ -1,4 +1,4 @@
-"""Run configs and the named presets (grids of configs): `smoke`, `quick`, `paper` and the `sabour` reference.
+"""Run configs and the named presets (grids of configs): `smoke`, `depth`, `quick`, `paper` and the `sabour` reference.
 
 A RunConfig is what produces one trained model: the architecture plus data and schedule. Its id hashes all of it.
 """
@@ -68,17 +68,33 @@ class RunConfig:
         return dataclasses.replace(self, model=model, **changes)
 
 
+PROCEDURES = ("finetune", "authors")
+CONTROLS = ("extra_training", "scratch", "random")
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     description: str
     build: Callable[[], list[RunConfig]]
-    # What `capsbench all` prunes each trained config with: (backbone ratio, capsule ratio) pairs, fine-tuning.
+    # What `capsbench all` prunes each trained config with: (backbone ratio, capsule ratio) pairs, where the
+    # capsule ratio removes that share of PrimaryCaps types and of every intermediate layer's capsules.
     prune_pairs: tuple[tuple[float, float], ...] = ((0.5, 0.5),)
     finetune_epochs: int = 2
+    seeds: int = 1  # every config with seeds seed, seed+1, ..., seed+seeds-1
+    # "finetune": prune, keep the surviving weights, fine-tune; "authors": prune backbone and PrimaryCaps,
+    # re-initialise the capsule layers, retrain (the paper's code).
+    procedure: str = "finetune"
+    capsule_criterion: str = "chip"  # how intermediate capsules are chosen (models.pruning.CAPSULE_CRITERIA)
+    controls: tuple[str, ...] = ()  # run beside every pruning pair (see CONTROLS and README)
+    timed_configs: int | None = None  # export and time only the first N configs (None: all)
+    time_batch_sizes: tuple[int, ...] | None = (
+        None  # `all`'s batch sizes unless --batch-sizes (None: the harness's)
+    )
 
-    def configs(self) -> list[RunConfig]:
-        return self.build()
+    def configs(self, seeds: int | None = None) -> list[RunConfig]:
+        seeds = self.seeds if seeds is None else seeds
+        return [c.replace(seed=c.seed + k) for c in self.build() for k in range(seeds)]
 
 
 PRESETS: dict[str, Preset] = {}
@@ -86,7 +102,10 @@ PRESETS: dict[str, Preset] = {}
 
 def register_preset(name: str, description: str, **pruning: Any):
     def wrap(fn: Callable[[], list[RunConfig]]) -> Callable[[], list[RunConfig]]:
-        PRESETS[name] = Preset(name, description, fn, **pruning)
+        preset = Preset(name, description, fn, **pruning)
+        if preset.procedure not in PROCEDURES or set(preset.controls) - set(CONTROLS):
+            raise ConfigError(f"preset {name}: unknown procedure or control")
+        PRESETS[name] = preset
         return fn
 
     return wrap
@@ -128,27 +147,72 @@ def _smoke() -> list[RunConfig]:
 
 
 @register_preset(
+    "depth",
+    "the vanishing-activation cliff on 2 CPU cores: sahu 16/32/64, fan_in init, {8, 16} capsules x {8, 16} dims "
+    "x {2, 4} intermediate layers (either side of the cliff), 3 seeds, 6000 images, 1 epoch + 1 of fine-tuning; "
+    "one pruning pair beside the three controls; only the first config is timed (batch 1, 32)",
+    prune_pairs=((0.5, 0.5),),
+    finetune_epochs=1,
+    seeds=3,
+    controls=CONTROLS,
+    timed_configs=1,
+    time_batch_sizes=(1, 32),
+)
+def _depth() -> list[RunConfig]:
+    # fan_in: the scheme under which the cliff lies inside a CPU budget (scripts/measure_cliff.json: after one
+    # epoch on 6000 images the first depth with inactive capsules is 3 for 16 capsules, 4 for 8; under
+    # "coupled" there is none up to depth 6). Depth 2 is healthy for every shape, depth 4 past the cliff.
+    base = RunConfig(
+        model=CapsNetConfig(backbone="sahu", backbone_channels=(16, 32, 64), caps_init="fan_in"),
+        epochs=1,
+        batch_size=64,  # as measured: 94 steps, enough for depth 2 to recover from its dead start
+        train_subset=6000,
+        eval_subset=1000,
+    )
+    return capsule_grid(base, num_caps=[8, 16], dims=[8, 16], depths=[2, 4])
+
+
+@register_preset(
     "quick",
-    "the paper's sahu net (P=192) on full Fashion-MNIST, 5 epochs, 16 capsules x {8, 12, 16} "
-    "dims x {0, 1, 3, 5} intermediate layers: under an hour on one GPU",
-    prune_pairs=((0.25, 0.25), (0.5, 0.5)),
+    "the paper's sahu net (backbone width follows P) on full Fashion-MNIST, 5 epochs, {8, 16} capsules x {8, 16} dims x "
+    "{0, 2, 4, 6} intermediate layers under the authors' init, 3 seeds, one pruning pair and the three "
+    "controls: a few hours on one GPU",
+    prune_pairs=((0.5, 0.5),),
     finetune_epochs=2,
+    seeds=3,
+    controls=CONTROLS,
+    timed_configs=4,
 )
 def _quick() -> list[RunConfig]:
-    # The paper's code trains with margin loss - 0.01 x CCM of the backbone's feature maps.
-    base = RunConfig(model=CapsNetConfig(backbone="sahu"), epochs=5, ccm_weight=0.01)
-    return capsule_grid(base, num_caps=[16], dims=[8, 12, 16], depths=[0, 1, 3, 5])
+    # The paper's code trains with margin loss - 0.01 x CCM of the backbone's feature maps, N(0, 0.1) capsule
+    # weights and a backbone that follows P. Under that init the cliff lies at depth 2 (measure_cliff.json), so
+    # {0, 2, 4, 6} crosses it with room on both sides.
+    base = RunConfig(
+        model=CapsNetConfig(backbone="sahu", caps_init="authors", backbone_width="follow_p"),
+        epochs=5,
+        ccm_weight=0.01,
+    )
+    return capsule_grid(base, num_caps=[8, 16], dims=[8, 16], depths=[0, 2, 4, 6])
 
 
 @register_preset(
     "paper",
-    "the full grid: {8, 16, 32} capsules x {4, 8, 12, 16, 32} dims x 0-5 intermediate "
-    "layers, 30 epochs on full Fashion-MNIST (GPU; the schedule is assumed, see README)",
-    prune_pairs=((0.25, 0.25), (0.5, 0.25), (0.25, 0.5), (0.5, 0.5), (0.75, 0.75)),
+    "the full grid: {8, 16, 32} capsules x {4, 8, 12, 16, 32} dims x 0-5 intermediate layers, authors' init "
+    "and procedure, 30 epochs on full Fashion-MNIST, 3 seeds, pruning pairs with the three controls (GPU; "
+    "the schedule is assumed, see README)",
+    prune_pairs=((0.25, 0.25), (0.5, 0.5), (0.75, 0.75)),
     finetune_epochs=5,
+    seeds=3,
+    procedure="authors",
+    controls=CONTROLS,
+    timed_configs=6,
 )
 def _paper() -> list[RunConfig]:
-    base = RunConfig(model=CapsNetConfig(backbone="sahu"), epochs=30, ccm_weight=0.01)
+    base = RunConfig(
+        model=CapsNetConfig(backbone="sahu", caps_init="authors", backbone_width="follow_p"),
+        epochs=30,
+        ccm_weight=0.01,
+    )
     return capsule_grid(base, num_caps=[8, 16, 32], dims=[4, 8, 12, 16, 32], depths=[0, 1, 2, 3, 4, 5])
 
 

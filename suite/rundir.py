@@ -1,10 +1,11 @@
 """The run folder, defined once: its file names, its config and variant folders, and how results are written and
 read (atomically, each JSON with a schema version). Free of torch, so reports, checks and benchmarks can use it.
 
-    runs/<run-id>/run.json, report.html
-    runs/<run-id>/<config-id>/config.json, checkpoint.pt, metrics.json, health.json, pipeline.json, error.txt,
+    runs/<run-id>/run.json, verdicts.json, report.html
+    runs/<run-id>/<config-id>/config.json, checkpoint.pt, metrics.json, health_init.json, health.json,
+        pipeline.json, error.txt,
         model.onnx, export.json, parity.json, latency.json, latency_cpp.json, prune_sweep_<criterion>.json
-    runs/<run-id>/<config-id>/prune_<criterion>_b<B>_c<C>/surgery.pt, finetune.pt, finetune_metrics.json,
+    runs/<run-id>/<config-id>/prune_<criterion or control>_b<B>_c<C>/surgery.pt, finetune.pt, finetune_metrics.json,
         pruned.pt, prune.json, health_pruned.json, model.onnx, export.json, parity.json
 """
 
@@ -47,6 +48,8 @@ FINETUNE_METRICS = "finetune_metrics.json"
 PRUNED_FILE = "pruned.pt"  # the final (fine-tuned) pruned net: a smaller CapsNet with its own model_config
 PRUNE_FILE = "prune.json"
 HEALTH_PRUNED_FILE = "health_pruned.json"
+HEALTH_INIT_FILE = "health_init.json"  # the config's net at initialisation, BatchNorm on batch statistics
+VERDICTS_FILE = "verdicts.json"  # run level: the paper's claims tested on the run's results
 
 
 def config_dir(run_dir: Path, cfg: Any) -> Path:
@@ -58,12 +61,14 @@ def prune_dir_name(
     criterion: str,
     backbone_ratio: float,
     caps_ratio: float,
-    intermediate_ratio: float = 0.0,
+    intermediate_ratio: float | None = None,
     reinit_caps_layers: bool = False,
 ) -> str:
-    """The sub-folder of one pruning setting, e.g. prune_chip_b0.50_c0.30: every setting of a sweep is kept."""
+    """The sub-folder of one pruning setting, e.g. prune_chip_b0.50_c0.30: every setting of a sweep is kept.
+    The capsule ratio c applies to PrimaryCaps and the intermediate layers; _i<r> marks an intermediate
+    ratio that differs from it. `criterion` is a control's name for a control (prune_random_..., ...)."""
     name = f"prune_{criterion}_b{backbone_ratio:.2f}_c{caps_ratio:.2f}"
-    if intermediate_ratio:
+    if intermediate_ratio is not None and intermediate_ratio != caps_ratio:
         name += f"_i{intermediate_ratio:.2f}"
     return name + ("_reinit" if reinit_caps_layers else "")
 

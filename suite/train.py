@@ -207,7 +207,9 @@ def train(
                 if not torch.isfinite(loss):
                     raise DivergenceError(
                         f"config {cfg.id}: loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
-                        "lower the learning rate (lr) or check the data"
+                        "likely causes: capsules that vanished (lengths at or near 0 in a deep stack: see "
+                        "health_init.json and health.json), the capsule-layer init scale (model.caps_init), or "
+                        "a learning rate (lr) too high for this net"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capsbench.models.pruning import CRITERIA
+from capsbench.models.pruning import CAPSULE_CRITERIA, CRITERIA
 from capsbench.suite import stages
 from capsbench.suite.cli import options, summary
 from capsbench.suite.errors import ConfigError
-from capsbench.suite.presets import get_preset
+from capsbench.suite.presets import CONTROLS, PROCEDURES, get_preset
 from capsbench.suite.stages import PruneSettings
+
+TIMING_STAGES = ("export", "time", "cpp")
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -44,8 +46,8 @@ def register(sub) -> None:
     p.add_argument(
         "--seeds",
         type=options.positive_int,
-        default=1,
-        help="train every config with N seeds (seed, seed+1, ...)",
+        default=None,
+        help="train every config with N seeds (seed, seed+1, ...; default: the preset's)",
     )
     p.add_argument(
         "--prune",
@@ -64,7 +66,35 @@ def register(sub) -> None:
     p.add_argument(
         "--criterion", choices=CRITERIA, default="chip", help="channel score (default: %(default)s)"
     )
+    p.add_argument(
+        "--capsule-criterion",
+        choices=CAPSULE_CRITERIA,
+        default=None,
+        help="how intermediate capsules are chosen (default: the preset's)",
+    )
+    p.add_argument(
+        "--procedure",
+        choices=PROCEDURES,
+        default=None,
+        help="finetune: keep the surviving weights and fine-tune; authors: prune backbone and PrimaryCaps, "
+        "re-initialise the capsule layers, retrain (default: the preset's)",
+    )
+    p.add_argument(
+        "--controls",
+        nargs="*",
+        choices=CONTROLS,
+        default=None,
+        help="controls beside every pruning pair (default: the preset's; none: --controls with no name)",
+    )
+    p.add_argument(
+        "--timed-configs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="export and time only the first N configs (default: the preset's; 0: all)",
+    )
     options.add_timing(p)
+    p.set_defaults(batch_sizes=None)  # unless given: the preset's timing batch sizes, else the harness's
     p.add_argument(
         "--baseline",
         type=Path,
@@ -115,22 +145,54 @@ def _executor(args):
 def run(args) -> int:
     executor = _executor(args)
     preset = get_preset(args.preset)
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    configs = [c.replace(seed=c.seed + k) for c in options.select_configs(args) for k in range(args.seeds)]
+    configs = options.select_configs(args)
     names = [s for s in (args.only or stages.NAMES) if s not in args.skip]
     if "train" in names and "health" not in args.skip and "health" not in names:
         names.append("health")  # health.json stays in step with the trained weights
+    if "report" in names and "verdicts" not in args.skip and "verdicts" not in names:
+        names.append("verdicts")  # the report's claims from this run's results as they are now
     prune = PruneSettings(
         pairs=tuple(args.prune or preset.prune_pairs),
         criterion=args.criterion,
         finetune_epochs=preset.finetune_epochs if args.finetune_epochs is None else args.finetune_epochs,
+        capsule_criterion=args.capsule_criterion or preset.capsule_criterion,
+        procedure=args.procedure or preset.procedure,
+        controls=tuple(preset.controls if args.controls is None else args.controls),
     )
+    if args.batch_sizes is None:
+        from capsbench.export.latency import DEFAULT_BATCH_SIZES
+
+        args.batch_sizes = list(preset.time_batch_sizes or DEFAULT_BATCH_SIZES)
     settings = options.stage_settings(
         args, prune=prune, time=options.time_settings(args), baseline=args.baseline
     )
     out = options.run_dir(args)
-    result = options.run_stages(args, configs, names, settings, executor=executor)
+    timed = preset.timed_configs if args.timed_configs is None else args.timed_configs
+    if timed and timed < len(configs) and any(n in TIMING_STAGES for n in names):
+        # Timing every config would cost more than the study itself: train, prune and measure all, then
+        # export and time the first N, then the run-level stages.
+        first = options.run_stages(
+            args,
+            configs,
+            [n for n in names if n in ("train", "health", "prune")],
+            settings,
+            executor=executor,
+        )
+        second = options.run_stages(
+            args,
+            configs[:timed],
+            [n for n in names if n not in ("train", "health", "prune")],
+            settings,
+            executor=executor,
+        )
+        records = {r["config_id"]: r for r in first.records + second.records}
+        result = second
+        result.failures = first.failures + second.failures
+        result.records = list(records.values())
+    else:
+        result = options.run_stages(args, configs, names, settings, executor=executor)
     print(summary.format_summary(summary.summary_rows(out, [r["config_id"] for r in result.records])))
     if (report := result.results.get("", {}).get("report")) is not None:
         print(f"report: {report}")

@@ -168,7 +168,8 @@ def add_timing(p: argparse.ArgumentParser) -> None:
 
 def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The preset's configs with the command line's overrides and filters applied."""
-    configs = get_preset(args.preset).configs()
+    preset = get_preset(args.preset)
+    seeds = preset.seeds if getattr(args, "seeds", None) is None else args.seeds
     overrides = {
         k: getattr(args, k)
         for k in ("dataset", "epochs", "train_subset", "eval_subset", "seed")
@@ -177,18 +178,24 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     if "dataset" in overrides:  # the model's input follows the dataset's image shape
         channels, size, _ = data.get_spec(overrides["dataset"]).shape
         overrides.update(in_channels=channels, image_size=size)
-    pairs = [(c, c.replace(**overrides)) for c in configs]
+    # (ids that select it, config): with --seeds N, every seed of a grid point answers to its first id too.
+    pairs = []
+    for first in preset.configs(seeds=1):
+        for k in range(seeds):
+            c = first.replace(seed=first.seed + k)
+            ids = {c.id, c.replace(**overrides).id}
+            if getattr(args, "seeds", None) is not None:
+                ids |= {first.id, first.replace(**overrides).id}
+            pairs.append((ids, c.replace(**overrides)))
     if args.configs:
         # Match the ids 'capsbench presets' lists as well as the ids after overrides (the run folders' names).
-        pairs = [
-            (c, o) for c, o in pairs if any(c.id.startswith(p) or o.id.startswith(p) for p in args.configs)
-        ]
+        pairs = [(ids, o) for ids, o in pairs if any(i.startswith(p) for i in ids for p in args.configs)]
         if not pairs:
             raise ConfigError(
                 f"no config of preset {args.preset!r} matches {args.configs}; "
                 f"see 'capsbench presets --preset {args.preset}' for the ids"
             )
-    return [o for _, o in pairs]
+    return list(dict.fromkeys(o for _, o in pairs))  # --seed on a multi-seed preset leaves one of each
 
 
 def run_dir(args: argparse.Namespace) -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from capsbench.models.pruning import CRITERIA
+from capsbench.models.pruning import CAPSULE_CRITERIA, CRITERIA
 from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError, ConfigError
+from capsbench.suite.presets import CONTROLS, PROCEDURES
 from capsbench.suite.stages import PruneSettings
 from capsbench.suite.stages import prune as pruning
 
@@ -44,7 +45,10 @@ def register(sub) -> None:
         help="share of every backbone conv's channels to remove",
     )
     p.add_argument(
-        "--caps", type=options.ratio, default=0.5, help="share of PrimaryCaps capsule types to remove"
+        "--caps",
+        type=options.ratio,
+        default=0.5,
+        help="share of PrimaryCaps capsule types and of every intermediate layer's capsules to remove",
     )
     p.add_argument(
         "--sweep",
@@ -79,14 +83,37 @@ def register(sub) -> None:
     p.add_argument(
         "--intermediate",
         type=options.ratio,
-        default=0.0,
-        help="also remove this share of every intermediate capsule layer's capsules, the least active first "
-        "(not output-preserving: routing re-normalises over the parents; default: 0)",
+        default=None,
+        help="a share of every intermediate layer's capsules to remove other than --caps' (0: PrimaryCaps "
+        "types only). Not output-preserving: routing re-normalises over the parents",
+    )
+    p.add_argument(
+        "--capsule-criterion",
+        choices=CAPSULE_CRITERIA,
+        default="chip",
+        help="how intermediate capsules are chosen: chip (CHIP of the unit-length poses: information, not "
+        "length), weight_norm, random, length (the least active first; picks the dead ones by construction) "
+        "(default: chip)",
+    )
+    p.add_argument(
+        "--procedure",
+        choices=PROCEDURES,
+        default="finetune",
+        help="finetune: keep the surviving weights and fine-tune; authors: prune backbone and PrimaryCaps, "
+        "re-initialise the capsule layers, retrain for --finetune-epochs (the paper's code) (default: finetune)",
+    )
+    p.add_argument(
+        "--controls",
+        nargs="+",
+        choices=CONTROLS,
+        default=(),
+        help="beside every pair: extra_training (the unpruned net trained F more epochs), scratch (the pruned "
+        "architecture from scratch for E+F epochs), random (random channels and capsules, fine-tuned F epochs)",
     )
     p.add_argument(
         "--reinit-caps",
         action="store_true",
-        help="re-initialise the routed capsule layers after pruning, as the paper's code does",
+        help="re-initialise the routed capsule layers after pruning (implied by --procedure authors)",
     )
     p.add_argument(
         "--keep-intermediate",
@@ -128,12 +155,19 @@ def run(args) -> int:
         criterion=args.criterion,
         finetune_epochs=args.finetune_epochs,
         intermediate_ratio=args.intermediate,
+        capsule_criterion=args.capsule_criterion,
+        procedure=args.procedure,
+        controls=tuple(args.controls),
         reinit_caps_layers=args.reinit_caps,
         score_images=args.score_images,
         write_sweep=True,
     )
     result = options.run_stages(args, trained, ["prune"], options.stage_settings(args, prune=prune))
-    rows = [row for c in trained for row in result.results[c.id].get("prune", [])]
+    rows = [
+        r if "acc_before" in r else pruning.sweep_row(r)
+        for c in trained
+        for r in result.results[c.id].get("prune", [])
+    ]
     print(pruning.format_sweep(rows))
-    print(f"results: {run_dir}/<config>/prune_{args.criterion}_b*_c*/prune.json")
+    print(f"results: {run_dir}/<config>/prune_*/prune.json")
     return result.exit_code

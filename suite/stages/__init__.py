@@ -7,7 +7,7 @@ import importlib
 
 from capsbench.suite.stages.base import Context, PruneSettings, Settings, Stage
 
-MODULES = ("train", "health", "prune", "export", "time", "cpp", "report")
+MODULES = ("train", "health", "prune", "export", "time", "cpp", "verdicts", "report")
 NAMES = MODULES  # what `capsbench all --only/--skip` offers
 
 

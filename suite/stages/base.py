@@ -23,11 +23,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PruneSettings:
+    # (backbone ratio, capsule ratio): the capsule ratio removes that share of PrimaryCaps types and, unless
+    # intermediate_ratio says otherwise, of every intermediate capsule layer's capsules.
     pairs: tuple[tuple[float, float], ...] = ((0.5, 0.5),)
     criterion: str = "chip"
     finetune_epochs: int = 2
-    intermediate_ratio: float = 0.0
-    reinit_caps_layers: bool = False
+    intermediate_ratio: float | None = None  # None: the pair's capsule ratio
+    capsule_criterion: str = "chip"  # how intermediate capsules are scored (models.pruning.CAPSULE_CRITERIA)
+    procedure: str = "finetune"  # or "authors": re-initialise the capsule layers after surgery and retrain
+    controls: tuple[
+        str, ...
+    ] = ()  # beside every pair: "extra_training", "scratch", "random" (presets.CONTROLS)
+    reinit_caps_layers: bool = False  # implied by procedure "authors"
     score_images: int = 640
     write_sweep: bool = False  # prune_sweep_<criterion>.json (what `capsbench prune` writes for its plot)
 

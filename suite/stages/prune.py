@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from capsbench.models import CapsNet
-from capsbench.models.health import capsule_health
-from capsbench.models.pruning import CRITERIA, count_flops, prune_capsnet, score_capsnet
+from capsbench.models import CapsNet, build_capsnet
+from capsbench.models.health import capsule_health, init_health
+from capsbench.models.pruning import CAPSULE_CRITERIA, CRITERIA, count_flops, prune_capsnet, score_capsnet
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_torch, save_torch
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CheckpointError, ConfigError
-from capsbench.suite.presets import RunConfig
+from capsbench.suite.presets import CONTROLS, PROCEDURES, RunConfig
 from capsbench.suite.rundir import (
     HEALTH_PRUNED_FILE,
     PRUNE_FILE,
@@ -36,17 +36,19 @@ FINETUNE_FILES = training.StageFiles(checkpoint=rundir.FINETUNE_CHECKPOINT, metr
 DEFAULT_FINETUNE_EPOCHS = 2
 DEFAULT_SCORE_IMAGES = 640  # CHIP's 5 batches of 128
 SCORE_BATCH = 128
+INIT_HEALTH_IMAGES = 512  # training images the health at initialisation is measured on
+RANDOM_CONTROL_SEED = 7_000_000  # + config seed: the random control's draw differs from every init's
 
 
 def health_summary(health: dict) -> dict:
-    """The per-layer inactive counts of a health result, without the per-capsule lists."""
+    """Per layer: mean length, inactive and mean-only counts and fractions, without the per-capsule lists."""
+    keys = ("name", "num_capsules", "mean_length", "inactive", "inactive_fraction")
+    keys += ("inactive_mean_only", "inactive_mean_only_fraction")
     return {
         "routed_inactive": health["routed_inactive"],
         "routed_capsules": health["routed_capsules"],
-        "layers": [
-            {k: layer[k] for k in ("name", "num_capsules", "inactive", "inactive_mean_only", "mean_length")}
-            for layer in health["layers"]
-        ],
+        "routed_inactive_fraction": health.get("routed_inactive_fraction"),
+        "layers": [{k: layer.get(k) for k in keys} for layer in health["layers"]],
     }
 
 
@@ -103,17 +105,94 @@ class TrainedBase:
             self._measured = measure(self.model, self.cfg, self.splits, self.device)
         return self._measured
 
-    def scores(self, criterion: str, score_images: int, capsules: bool) -> dict[str, torch.Tensor]:
-        key = (criterion, score_images, capsules)
+    def scores(
+        self, criterion: str, score_images: int, capsules: bool, capsule_criterion: str = "chip"
+    ) -> dict[str, torch.Tensor]:
+        key = (criterion, score_images, capsules, capsule_criterion)
         if key not in self._scores:
             images = self.splits.train_x[:score_images]
             batches = training.eval_batches(images, self.device, SCORE_BATCH)
-            self._scores[key] = score_capsnet(self.model, batches, criterion, capsules=capsules)
+            self._scores[key] = score_capsnet(
+                self.model,
+                batches,
+                criterion,
+                capsules=capsules,
+                capsule_criterion=capsule_criterion,
+                seed=self.cfg.seed,
+            )
         return self._scores[key]
+
+    def random_scores(self) -> dict[str, torch.Tensor]:
+        """Uniform scores of the same shapes as every criterion's, seeded by the config's seed: the random
+        control removes channels, capsule types and capsules at the same ratios, chosen by chance."""
+        shapes = score_capsnet(self.model, None, "l1", capsules=True, capsule_criterion="random")
+        g = torch.Generator().manual_seed(RANDOM_CONTROL_SEED + self.cfg.seed)
+        return {k: torch.rand(len(v), generator=g, dtype=torch.float64) for k, v in shapes.items()}
 
 
 def _settings(**kw) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+
+
+def variant_settings(
+    cfg: RunConfig,
+    backbone_ratio: float,
+    caps_ratio: float,
+    criterion: str = "chip",
+    *,
+    finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS,
+    intermediate_ratio: float | None = None,
+    capsule_criterion: str = "chip",
+    procedure: str = "finetune",
+    control: str | None = None,
+    reinit_caps_layers: bool = False,
+    score_images: int = DEFAULT_SCORE_IMAGES,
+) -> tuple[str, dict]:
+    """(folder name, settings) of one pruned net or control: what prune.json records and `done` compares.
+
+    Every variant ends after cfg.epochs + finetune_epochs epochs of training in all: the pruned net and the
+    random control (base + fine-tuning), extra_training (the unpruned base resumed for finetune_epochs more),
+    scratch (the pruned architecture, fresh weights, trained for the whole budget).
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if capsule_criterion not in CAPSULE_CRITERIA:
+        raise ConfigError(
+            f"unknown capsule criterion {capsule_criterion!r}; choose one of {', '.join(CAPSULE_CRITERIA)}"
+        )
+    if procedure not in PROCEDURES:
+        raise ConfigError(f"unknown pruning procedure {procedure!r}; choose one of {', '.join(PROCEDURES)}")
+    if control is not None and control not in CONTROLS:
+        raise ConfigError(f"unknown control {control!r}; choose one of {', '.join(CONTROLS)}")
+    inter = caps_ratio if intermediate_ratio is None else intermediate_ratio
+    for name, r in (("backbone", backbone_ratio), ("caps", caps_ratio), ("intermediate", inter)):
+        if not 0.0 <= r < 1.0:
+            raise ConfigError(f"--{name} ratio must lie in [0, 1), got {r}")
+    if finetune_epochs < 0 or score_images < 1:
+        raise ConfigError("finetune epochs must be >= 0 and score images >= 1")
+    reinit = reinit_caps_layers or procedure == "authors"
+    if control == "extra_training":
+        backbone_ratio = caps_ratio = inter = 0.0
+        reinit = False
+    name = prune_dir_name(
+        control or criterion, backbone_ratio, caps_ratio, inter, reinit and control != "scratch"
+    )
+    train_epochs = cfg.epochs + finetune_epochs if control == "scratch" else finetune_epochs
+    settings = _settings(
+        criterion=criterion,
+        backbone_ratio=backbone_ratio,
+        caps_ratio=caps_ratio,
+        intermediate_ratio=inter,
+        capsule_criterion=capsule_criterion,
+        procedure=procedure,
+        reinit_caps_layers=reinit,
+        control=control,
+        finetune_epochs=finetune_epochs,
+        train_epochs=train_epochs,  # epochs of this variant's own training (fine-tuning, resumption, scratch)
+        total_epochs=cfg.epochs + finetune_epochs,
+        score_images=score_images,
+    )
+    return name, settings
 
 
 def prune_config(
@@ -125,7 +204,10 @@ def prune_config(
     criterion: str = "chip",
     *,
     finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS,
-    intermediate_ratio: float = 0.0,
+    intermediate_ratio: float | None = None,
+    capsule_criterion: str = "chip",
+    procedure: str = "finetune",
+    control: str | None = None,
     reinit_caps_layers: bool = False,
     score_images: int = DEFAULT_SCORE_IMAGES,
     device: str | torch.device | None = None,
@@ -133,32 +215,29 @@ def prune_config(
     progress: bool = True,
     base: TrainedBase | None = None,
 ) -> dict:
-    """Prune one trained config at one ratio pair, fine-tune, re-measure; returns what prune.json holds.
+    """Prune one trained config at one ratio pair (or build one control), train, re-measure; returns what
+    prune.json holds (see `variant_settings` for the variants and their epochs).
 
-    Resumable: the surgery result is kept in surgery.pt and fine-tuning resumes from its own checkpoint; a
+    Resumable: the surgery result is kept in surgery.pt and training resumes from its own checkpoint; a
     finished setting (prune.json complete) is skipped unless `force`.
     """
-    if criterion not in CRITERIA:
-        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    for name, r in (("backbone", backbone_ratio), ("caps", caps_ratio), ("intermediate", intermediate_ratio)):
-        if not 0.0 <= r < 1.0:
-            raise ConfigError(f"--{name} ratio must lie in [0, 1), got {r}")
-    if finetune_epochs < 0 or score_images < 1:
-        raise ConfigError("finetune epochs must be >= 0 and score images >= 1")
+    sub_name, settings = variant_settings(
+        cfg,
+        backbone_ratio,
+        caps_ratio,
+        criterion,
+        finetune_epochs=finetune_epochs,
+        intermediate_ratio=intermediate_ratio,
+        capsule_criterion=capsule_criterion,
+        procedure=procedure,
+        control=control,
+        reinit_caps_layers=reinit_caps_layers,
+        score_images=score_images,
+    )
     out_dir = Path(out_dir)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     base = base or TrainedBase(cfg, out_dir, splits, device)
-    sub_name = prune_dir_name(criterion, backbone_ratio, caps_ratio, intermediate_ratio, reinit_caps_layers)
     sub = out_dir / sub_name
-    settings = _settings(
-        criterion=criterion,
-        backbone_ratio=backbone_ratio,
-        caps_ratio=caps_ratio,
-        intermediate_ratio=intermediate_ratio,
-        reinit_caps_layers=reinit_caps_layers,
-        finetune_epochs=finetune_epochs,
-        score_images=score_images,
-    )
     files = [SURGERY_FILE, FINETUNE_FILES.checkpoint, FINETUNE_FILES.metrics, PRUNED_FILE, PRUNE_FILE]
     if force:
         for name in [*files, HEALTH_PRUNED_FILE]:
@@ -176,47 +255,42 @@ def prune_config(
     if state is None:
         for name in files[1:] + [HEALTH_PRUNED_FILE]:
             (sub / name).unlink(missing_ok=True)  # anything made from an older surgery
-        scores = base.scores(criterion, score_images, capsules=intermediate_ratio > 0)
-        torch.manual_seed(cfg.seed)  # the fresh capsule weights of reinit_caps_layers
-        pruned, plan = prune_capsnet(
-            base.model,
-            backbone_ratio,
-            caps_ratio,
-            scores,
-            intermediate_ratio=intermediate_ratio,
-            reinit_caps_layers=reinit_caps_layers,
-        )
-        state = {
-            "config_id": cfg.id,
-            "config": cfg.to_dict(),
-            "model_config": pruned.cfg.to_dict(),
-            "model": pruned.state_dict(),
-            "settings": settings,
-            "plan": plan,
-            "before": base.measured(),
-            "after_surgery": measure(pruned, cfg, splits, device),
-            "surgery_seconds": time.perf_counter() - t_start,
-        }
+        state = _surgery(cfg, splits, device, base, settings)
+        state["surgery_seconds"] = time.perf_counter() - t_start
         save_torch(sub / SURGERY_FILE, state)
-    pruned = training.model_from_state(state, cfg.model)
 
-    finetune = None
-    if finetune_epochs > 0:
+    epochs = settings["train_epochs"]
+    files_here = training.StageFiles(
+        checkpoint=f"{sub_name}/{FINETUNE_FILES.checkpoint}", metrics=f"{sub_name}/{FINETUNE_FILES.metrics}"
+    )
+    finetune, pruned = None, None
+    if control == "extra_training":
+        # Resume the base's own checkpoint (weights, optimizer, schedule) for F more epochs.
+        if not (sub / FINETUNE_FILES.checkpoint).is_file() and not rundir.is_trained(
+            out_dir, files_here.metrics
+        ):
+            src = out_dir / rundir.CHECKPOINT_FILE
+            rundir.atomic_write(
+                sub / FINETUNE_FILES.checkpoint, lambda f: f.write(src.read_bytes()), mode="wb"
+            )
+        epochs = cfg.epochs + finetune_epochs
+    else:
+        pruned = training.model_from_state(state, cfg.model)
+    if settings["train_epochs"] > 0:
         finetune = training.train(
             cfg,
             out_dir,
             splits,
             device=device,
             progress=progress,
-            label="finetune",
+            label=control or "finetune",  # a control trains under its own name in the progress output
             model=pruned,
-            epochs=finetune_epochs,
-            files=training.StageFiles(
-                checkpoint=f"{sub_name}/{FINETUNE_FILES.checkpoint}",
-                metrics=f"{sub_name}/{FINETUNE_FILES.metrics}",
-            ),
+            epochs=epochs,
+            files=files_here,
         )
         pruned = training.load_model(cfg, sub / FINETUNE_FILES.checkpoint)
+    elif pruned is None:
+        pruned = base.model
     save_torch(
         sub / PRUNED_FILE,
         {
@@ -235,12 +309,18 @@ def prune_config(
         checkpoint=f"{sub_name}/{PRUNED_FILE}",
         output=f"{sub_name}/{HEALTH_PRUNED_FILE}",
     )
-    # Without fine-tuning the final net is the surgery's: its accuracy and counts are already measured.
+    # Without training the final net is the surgery's: its accuracy and counts are already measured.
     after = measure(pruned, cfg, splits, device, health) if finetune else {**state["after_surgery"]}
+    new_history = [
+        h for h in (finetune or {}).get("history", []) if h["epoch"] > epochs - settings["train_epochs"]
+    ]
     result = {
         "config_id": cfg.id,
         "label": cfg.label,
         "status": "complete",
+        # None for the pruning under test; the report names a control's rows and series after it.
+        "control": control,
+        "procedure": settings["procedure"],
         "settings": settings,
         "folder": sub_name,
         "model_config_before": state["plan"]["model_config_before"],
@@ -258,22 +338,84 @@ def prune_config(
                 "after_surgery": state["after_surgery"]["health"]["routed_inactive"],
                 "after_finetune": after["health"]["routed_inactive"],
             },
+            # Fractions: a pruned net has fewer capsules, so counts do not compare.
+            "routed_inactive_fraction": {
+                "before": state["before"]["health"]["routed_inactive_fraction"],
+                "after_surgery": state["after_surgery"]["health"]["routed_inactive_fraction"],
+                "after_finetune": after["health"]["routed_inactive_fraction"],
+            },
         },
         "before": state["before"],
         "after_surgery": state["after_surgery"],
         "after_finetune": after,
         "finetune_epochs": finetune_epochs,
-        "finetune_history": finetune["history"] if finetune else [],
+        "train_epochs": settings["train_epochs"],
+        "total_epochs": settings["total_epochs"],
+        "finetune_history": new_history,
         "plan": state["plan"],
         "eval_images": len(splits.test_x),
         "score_images": min(score_images, len(splits.train_x)),
         "surgery_seconds": state["surgery_seconds"],
-        "finetune_seconds": finetune["train_seconds_total"] if finetune else 0.0,
+        "finetune_seconds": sum(h["train_seconds"] for h in new_history),
         "wall_seconds_this_run": time.perf_counter() - t_start,
         "environment": environment(device),
     }
     write_json(sub / PRUNE_FILE, "prune", result)
     return result
+
+
+def _surgery(
+    cfg: RunConfig, splits: training.Splits, device: torch.device, base: TrainedBase, settings: dict
+) -> dict:
+    """The net a variant starts its training from, its plan and its measurements before training."""
+    control, inter = settings["control"], settings["intermediate_ratio"]
+    state = {"config_id": cfg.id, "config": cfg.to_dict(), "settings": settings, "before": base.measured()}
+    if control == "extra_training":
+        model = base.model
+        plan = {
+            "layers": [],
+            "model_config_before": cfg.model.to_dict(),
+            "model_config_after": cfg.model.to_dict(),
+        }
+        return {
+            **state,
+            "model_config": cfg.model.to_dict(),
+            "model": model.state_dict(),
+            "plan": plan,
+            "after_surgery": base.measured(),
+        }
+    if control == "random":
+        scores = base.random_scores()
+    else:
+        scores = base.scores(
+            settings["criterion"], settings["score_images"], inter > 0, settings["capsule_criterion"]
+        )
+    torch.manual_seed(cfg.seed)  # the fresh capsule weights of reinit_caps_layers
+    model, plan = prune_capsnet(
+        base.model,
+        settings["backbone_ratio"],
+        settings["caps_ratio"],
+        scores,
+        intermediate_ratio=inter,
+        reinit_caps_layers=settings["reinit_caps_layers"] and control != "scratch",
+    )
+    health = None
+    if control == "scratch":
+        # The pruned architecture with every weight fresh, seeded as the base's own initialisation; its health
+        # at initialisation as training sees it (BatchNorm on batch statistics, not untrained running stats).
+        torch.manual_seed(cfg.seed)
+        model = build_capsnet(model.cfg).to(device)
+        images = splits.train_x[:INIT_HEALTH_IMAGES]
+        health = init_health(
+            model, training.eval_batches(images, device, SCORE_BATCH), cfg.inactive_threshold, device
+        )
+    return {
+        **state,
+        "model_config": model.cfg.to_dict(),
+        "model": model.state_dict(),
+        "plan": plan,
+        "after_surgery": measure(model, cfg, splits, device, health),
+    }
 
 
 def _surgery_state(cfg: RunConfig, sub: Path, settings: dict) -> dict | None:
@@ -355,15 +497,25 @@ def format_sweep(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------------- stage
 
 
-def _settings_of(ctx: Context, b: float, c: float) -> dict:
-    p = ctx.settings.prune
-    return _settings(
-        criterion=p.criterion,
-        backbone_ratio=b,
-        caps_ratio=c,
-        intermediate_ratio=p.intermediate_ratio,
-        reinit_caps_layers=p.reinit_caps_layers,
+def variants(p) -> list[tuple[float, float, str | None]]:
+    """(backbone ratio, capsule ratio, control) of every net the settings ask for: each pair's pruned net and
+    its random and scratch controls, and one extra_training control per config (it has no ratios)."""
+    out: list[tuple[float, float, str | None]] = []
+    for b, c in p.pairs:
+        out.append((b, c, None))
+        out += [(b, c, k) for k in ("scratch", "random") if k in p.controls]
+    if "extra_training" in p.controls and p.pairs:
+        out.append((0.0, 0.0, "extra_training"))
+    return out
+
+
+def _kw(p) -> dict:
+    return dict(
         finetune_epochs=p.finetune_epochs,
+        intermediate_ratio=p.intermediate_ratio,
+        capsule_criterion=p.capsule_criterion,
+        procedure=p.procedure,
+        reinit_caps_layers=p.reinit_caps_layers,
         score_images=p.score_images,
     )
 
@@ -372,33 +524,28 @@ def done(ctx: Context) -> bool:
     p = ctx.settings.prune
     if ctx.settings.force:
         return False
-    for b, c in p.pairs:
-        sub = ctx.out / prune_dir_name(p.criterion, b, c, p.intermediate_ratio, p.reinit_caps_layers)
-        res = rundir.read_if_valid(sub / PRUNE_FILE, "prune")
-        if res is None or res.get("settings") != _settings_of(ctx, b, c):
+    for b, c, control in variants(p):
+        name, settings = variant_settings(ctx.cfg, b, c, p.criterion, control=control, **_kw(p))
+        res = rundir.read_if_valid(ctx.out / name / PRUNE_FILE, "prune")
+        if res is None or res.get("settings") != settings:
             return False
     return True
 
 
 def run(ctx: Context) -> list[dict]:
-    """Every ratio pair of the settings, scoring the trained net once."""
+    """Every ratio pair of the settings and its controls, scoring the trained net once."""
     p = ctx.settings.prune
-    kw = dict(
-        finetune_epochs=p.finetune_epochs,
-        intermediate_ratio=p.intermediate_ratio,
-        reinit_caps_layers=p.reinit_caps_layers,
-        score_images=p.score_images,
-        force=ctx.settings.force,
-        progress=ctx.settings.progress,
-    )
-    if p.write_sweep:
+    kw = dict(**_kw(p), force=ctx.settings.force, progress=ctx.settings.progress)
+    if p.write_sweep and not p.controls:
         return prune_sweep(
             ctx.cfg, ctx.out, ctx.splits(), list(p.pairs), p.criterion, device=ctx.device, **kw
         )
     base = TrainedBase(ctx.cfg, ctx.out, ctx.splits(), ctx.device)
     return [
-        prune_config(ctx.cfg, ctx.out, ctx.splits(), b, c, p.criterion, device=ctx.device, base=base, **kw)
-        for b, c in p.pairs
+        prune_config(
+            ctx.cfg, ctx.out, ctx.splits(), b, c, p.criterion, device=ctx.device, base=base, control=k, **kw
+        )
+        for b, c, k in variants(p)
     ]
 
 
@@ -408,6 +555,6 @@ STAGE = Stage(
     writes=("prune_*/" + PRUNED_FILE, "prune_*/" + PRUNE_FILE, "prune_*/" + HEALTH_PRUNED_FILE),
     run=run,
     done=done,
-    help="channel-prune, fine-tune and measure health again",
+    help="prune channels and capsules, fine-tune (and the controls), measure health again",
     intermediate=("prune_*/" + SURGERY_FILE, "prune_*/" + FINETUNE_FILES.checkpoint),
 )

@@ -1,4 +1,5 @@
-"""The train stage: train (or resume, or skip) one config; a divergence is recorded in metrics.json."""
+"""The train stage: train (or resume, or skip) one config; a divergence is recorded in metrics.json. Before a
+fresh training, the net's health at initialisation as training sees it (batch statistics) -> health_init.json."""
 
 from __future__ import annotations
 
@@ -7,10 +8,34 @@ from capsbench.suite import train as training
 from capsbench.suite.errors import DivergenceError
 from capsbench.suite.stages.base import Context, Stage
 
+INIT_HEALTH_IMAGES = 512
+
+
+def measure_init_health(ctx: Context) -> dict:
+    """The config's net exactly as train() initialises it (same seed), measured with BatchNorm on each batch's
+    statistics over the first training images: in eval mode its untrained running statistics would make
+    every capsule look dead."""
+    import torch
+
+    from capsbench.models import build_capsnet
+    from capsbench.models.health import init_health
+
+    torch.manual_seed(ctx.cfg.seed)
+    model = build_capsnet(ctx.cfg.model).to(ctx.device)
+    images = ctx.splits().train_x[:INIT_HEALTH_IMAGES]
+    health = init_health(
+        model, training.eval_batches(images, ctx.device, 128), ctx.cfg.inactive_threshold, ctx.device
+    )
+    health = {"config_id": ctx.cfg.id, "label": ctx.cfg.label, "images": len(images), **health}
+    rundir.write_json(ctx.out / rundir.HEALTH_INIT_FILE, "health", health)
+    return health
+
 
 def run(ctx: Context) -> dict:
     if done(ctx):  # without loading the dataset
         return rundir.read_result(ctx.out / rundir.METRICS_FILE, "metrics")
+    if ctx.settings.force or not (ctx.out / rundir.HEALTH_INIT_FILE).is_file():
+        measure_init_health(ctx)
     try:
         return training.train(
             ctx.cfg,
@@ -33,7 +58,7 @@ def done(ctx: Context) -> bool:
 STAGE = Stage(
     "train",
     reads=(),
-    writes=(rundir.CONFIG_FILE, rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
+    writes=(rundir.CONFIG_FILE, rundir.HEALTH_INIT_FILE, rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
     run=run,
     done=done,
     help="train, resuming from the last finished epoch",

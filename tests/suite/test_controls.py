@@ -1,0 +1,105 @@
+"""The pruning controls through `capsbench all` on a tiny grid of real Fashion-MNIST: each control runs, is
+labelled in its prune.json and in the report, and gets the training budget it must (base + fine-tune epochs in
+all); the capsule ratio reaches the intermediate layers; the authors' procedure re-initialises them."""
+
+import json
+
+import pytest
+import torch
+
+from capsbench.suite.cli import main
+from capsbench.suite.presets import get_preset
+from capsbench.suite.rundir import CHECKPOINT_FILE, SURGERY_FILE, VERDICTS_FILE, read_result
+
+TINY = ["--train-subset", "300", "--eval-subset", "100", "--seeds", "1", "--no-progress"]
+SHALLOW = next(c for c in get_preset("depth").configs() if c.model.depth == 2 and c.model.primary_types == 8)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fashion_data_dir):
+    """The depth preset's smallest config on 300 images: train, prune with its three controls, report."""
+    runs = tmp_path_factory.mktemp("controls")
+    args = ["all", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs)]
+    args += ["--data-dir", str(fashion_data_dir), *TINY, "--only", "train", "prune", "report"]
+    assert main(args) == 0
+    run_dir = runs / "depth"
+    (folder,) = [d for d in run_dir.iterdir() if d.is_dir()]
+    prunes = {p.parent.name: read_result(p, "prune") for p in folder.glob("prune_*/prune.json")}
+    return runs, run_dir, folder, prunes
+
+
+def test_every_control_runs_beside_the_pruned_net_and_is_labelled(run):
+    _, run_dir, _, prunes = run
+    by_control = {p["control"]: p for p in prunes.values()}
+    assert set(by_control) == {None, "extra_training", "scratch", "random"}
+    assert set(prunes) == {
+        "prune_chip_b0.50_c0.50",
+        "prune_scratch_b0.50_c0.50",
+        "prune_random_b0.50_c0.50",
+        "prune_extra_training_b0.00_c0.00",
+    }
+    # Equal training budgets: base (1 epoch) + fine-tune (1) for all; scratch trains both from fresh weights.
+    assert {p["total_epochs"] for p in prunes.values()} == {2}
+    assert [h["epoch"] for h in by_control["extra_training"]["finetune_history"]] == [2]  # resumed the base
+    assert len(by_control["scratch"]["finetune_history"]) == 2
+    assert len(by_control[None]["finetune_history"]) == len(by_control["random"]["finetune_history"]) == 1
+    html = (run_dir / "report.html").read_text()
+    assert all(name in html for name in ("extra_training", "scratch", "random"))
+    verdicts = json.loads((run_dir / VERDICTS_FILE).read_text())
+    assert [v["claim"] for v in verdicts["verdicts"]][:2] == ["deeper_loses_accuracy", "deeper_more_inactive"]
+
+
+def test_the_capsule_ratio_prunes_primary_types_and_intermediate_capsules_and_fractions_are_kept(run):
+    _, _, _, prunes = run
+    pruned = prunes["prune_chip_b0.50_c0.50"]
+    after = pruned["model_config_after"]
+    assert after["primary_types"] == 4 and after["intermediate"] == [[4, 8], [4, 8]]
+    assert prunes["prune_scratch_b0.50_c0.50"]["model_config_after"] == after
+    assert prunes["prune_random_b0.50_c0.50"]["model_config_after"] == after
+    unpruned = prunes["prune_extra_training_b0.00_c0.00"]
+    assert unpruned["model_config_after"] == unpruned["model_config_before"]
+    assert unpruned["summary"]["parameters"]["after"] == unpruned["summary"]["parameters"]["before"]
+    # Random selection is not the CHIP selection (64 channels, 32 removed: equal by chance ~1e-18).
+    removed = {
+        name: next(x["removed"] for x in p["plan"]["layers"] if x["name"] == "backbone.2")
+        for name, p in prunes.items()
+        if p["control"] in (None, "random")
+    }
+    assert removed["prune_chip_b0.50_c0.50"] != removed["prune_random_b0.50_c0.50"]
+    for layer in pruned["after_finetune"]["health"]["layers"]:
+        assert layer["inactive_fraction"] == layer["inactive"] / layer["num_capsules"]
+        assert "inactive_mean_only_fraction" in layer and "mean_length" in layer
+    fraction = pruned["summary"]["routed_inactive_fraction"]
+    assert set(fraction) == {"before", "after_surgery", "after_finetune"}
+
+
+def test_the_scratch_control_starts_from_fresh_weights(run):
+    _, _, folder, _ = run
+    scratch = torch.load(folder / "prune_scratch_b0.50_c0.50" / SURGERY_FILE, weights_only=False)
+    pruned = torch.load(folder / "prune_chip_b0.50_c0.50" / SURGERY_FILE, weights_only=False)
+    key = "backbone.0.0.weight"
+    assert scratch["model"][key].shape == pruned["model"][key].shape
+    assert not torch.equal(scratch["model"][key], pruned["model"][key])
+
+
+def test_the_authors_procedure_reinitialises_the_capsule_layers(run, fashion_data_dir):
+    """Backbone pruned, capsule layers kept at full width: the finetune procedure copies their weights, the
+    authors' procedure draws them afresh."""
+    runs, _, folder, _ = run
+    args = ["prune", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs), "--no-progress"]
+    args += ["--data-dir", str(fashion_data_dir), "--train-subset", "300", "--eval-subset", "100"]
+    args += ["--epochs", "1", "--backbone", "0.5", "--caps", "0", "--finetune-epochs", "0"]
+    args += ["--score-images", "64"]
+    base = torch.load(folder / CHECKPOINT_FILE, weights_only=False)["model"]
+    for procedure, folder_name in (
+        ("finetune", "prune_chip_b0.50_c0.00"),
+        ("authors", "prune_chip_b0.50_c0.00_reinit"),
+    ):
+        assert main([*args, "--procedure", procedure]) == 0
+        result = read_result(folder / folder_name / "prune.json", "prune")
+        assert result["procedure"] == procedure
+        surgery = torch.load(folder / folder_name / SURGERY_FILE, weights_only=False)["model"]
+        same = [
+            torch.equal(surgery[f"caps_layers.{i}.weight"], base[f"caps_layers.{i}.weight"]) for i in (1, 2)
+        ]
+        assert same == ([True, True] if procedure == "finetune" else [False, False])
