@@ -21,6 +21,7 @@ def run(tmp_path_factory, fashion_data_dir):
     runs = tmp_path_factory.mktemp("controls")
     args = ["all", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs)]
     args += ["--data-dir", str(fashion_data_dir), *TINY, "--only", "train", "prune", "report"]
+    args += ["--keep-intermediate"]  # the tests below read surgery.pt
     assert main(args) == 0
     run_dir = runs / "depth"
     (folder,) = [d for d in run_dir.iterdir() if d.is_dir()]
@@ -75,8 +76,8 @@ def test_the_capsule_ratio_prunes_primary_types_and_intermediate_capsules_and_fr
 
 def test_the_scratch_control_starts_from_fresh_weights(run):
     _, _, folder, _ = run
-    scratch = torch.load(folder / "prune_scratch_b0.50_c0.50" / SURGERY_FILE, weights_only=False)
-    pruned = torch.load(folder / "prune_chip_b0.50_c0.50" / SURGERY_FILE, weights_only=False)
+    scratch = torch.load(folder / "prune_scratch_b0.50_c0.50" / SURGERY_FILE, weights_only=True)
+    pruned = torch.load(folder / "prune_chip_b0.50_c0.50" / SURGERY_FILE, weights_only=True)
     key = "backbone.0.0.weight"
     assert scratch["model"][key].shape == pruned["model"][key].shape
     assert not torch.equal(scratch["model"][key], pruned["model"][key])
@@ -89,8 +90,8 @@ def test_the_authors_procedure_reinitialises_the_capsule_layers(run, fashion_dat
     args = ["prune", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs), "--no-progress"]
     args += ["--data-dir", str(fashion_data_dir), "--train-subset", "300", "--eval-subset", "100"]
     args += ["--epochs", "1", "--backbone", "0.5", "--caps", "0", "--finetune-epochs", "0"]
-    args += ["--score-images", "64"]
-    base = torch.load(folder / CHECKPOINT_FILE, weights_only=False)["model"]
+    args += ["--score-images", "64", "--keep-intermediate"]
+    base = torch.load(folder / CHECKPOINT_FILE, weights_only=True)["model"]
     for procedure, folder_name in (
         ("finetune", "prune_chip_b0.50_c0.00"),
         ("authors", "prune_chip_b0.50_c0.00_reinit"),
@@ -98,7 +99,7 @@ def test_the_authors_procedure_reinitialises_the_capsule_layers(run, fashion_dat
         assert main([*args, "--procedure", procedure]) == 0
         result = read_result(folder / folder_name / "prune.json", "prune")
         assert result["procedure"] == procedure
-        surgery = torch.load(folder / folder_name / SURGERY_FILE, weights_only=False)["model"]
+        surgery = torch.load(folder / folder_name / SURGERY_FILE, weights_only=True)["model"]
         same = [
             torch.equal(surgery[f"caps_layers.{i}.weight"], base[f"caps_layers.{i}.weight"]) for i in (1, 2)
         ]

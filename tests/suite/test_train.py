@@ -283,7 +283,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_data_dir):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--preset", "nope"], "unknown preset 'nope'; known presets: smoke, quick, paper"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'; known presets: smoke, depth, quick, paper, sabour"),
         (["train", "--configs", "zzzz"], "no config of preset 'smoke' matches"),
         (["health", "/nonexistent/run"], "no trained configs here"),
     ],
