@@ -37,7 +37,7 @@ def capsule_length(v: torch.Tensor, dim: int = -1, keepdim: bool = False) -> tor
     The one norm for every capsule length that is differentiated or compared (class scores, margin loss,
     health, pruning scores). A plain sqrt(sum v^2) has the gradient inf * 0 = NaN at a capsule that has
     vanished, which deep nets reach. The value is the exact Euclidean norm (no eps offset), so lengths and
-    thresholds (e.g. inactive < 0.01) keep their meaning. `squash` uses sqrt(|s|^2 + SQUASH_EPS) in a
+    thresholds (e.g. inactive < 0.01) keep their meaning. `squash` uses sqrt(max(|s|^2, SQUASH_EPS)) in a
     denominator instead: finite too, and the exported graph stays free of Where nodes.
     """
     return _safe_norm(v, dim, keepdim)
@@ -46,10 +46,12 @@ def capsule_length(v: torch.Tensor, dim: int = -1, keepdim: bool = False) -> tor
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
     """v = (|s|^2 / (1 + |s|^2)) * s / |s| (Sabour et al. 2017), so |v| lies in [0, 1).
 
-    |s| is taken as sqrt(|s|^2 + eps) (eps = 1e-8) so that s = 0 gives v = 0 with a finite gradient.
+    |s| is taken as sqrt(max(|s|^2, eps)) (eps = 1e-8) so that s = 0 gives v = 0 with a finite gradient. Not
+    sqrt(|s|^2 + eps): the ONNX exporter's optimizer drops that addition (it is below fp32 resolution for any
+    live capsule), and a vanished capsule then gives 0/0 = NaN in ONNX Runtime while torch gives 0.
     """
     sq = (s * s).sum(dim=dim, keepdim=True)
-    return s * (sq / (1.0 + sq) / torch.sqrt(sq + eps))
+    return s * (sq / (1.0 + sq) / torch.sqrt(sq.clamp(min=eps)))
 
 
 def caps_init_std(scheme: str, in_caps: int, in_dim: int, out_caps: int, out_dim: int) -> float:

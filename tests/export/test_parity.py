@@ -75,3 +75,28 @@ def test_export_writes_atomically_over_an_existing_file(exported, fashion, tmp_p
     export_onnx(e.model, path, fashion["test_x"][:2], dynamo=False)  # the quick exporter: same write path
     assert load_onnx(path) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp file left behind
+
+
+def test_a_net_whose_class_capsules_vanished_passes_parity(fashion, tmp_path):
+    """Past the cliff every class capsule is ~0: float noise over that scale is no disagreement (it used to fail
+    with relative errors of 15 on the depth preset's dead nets)."""
+    from capsbench.models import CapsNet, CapsNetConfig
+
+    cfg = CapsNetConfig(
+        backbone="sahu",
+        backbone_channels=(8, 16, 32),
+        primary_types=8,
+        primary_dim=8,
+        intermediate=((8, 8),) * 4,
+        caps_init="authors",
+    )
+    torch.manual_seed(0)
+    model = build_capsnet(cfg).eval()
+    images = fashion["test_x"][:32]
+    with torch.no_grad():
+        lengths = CapsNet.lengths(model(images))
+    assert float(lengths.max()) < 1e-3  # the net really is dead
+    path = tmp_path / "dead.onnx"
+    export_onnx(model, path, images[:2])
+    result = parity(path, model, images)
+    assert result["passed"] and result["max_abs_err"] <= result["atol"]
