@@ -258,15 +258,19 @@ def test_check_flags_a_real_slowdown_and_not_a_second_same_config_measurement(ex
     again = _run_folder(tmp_path / "again", _sweep_shallow(exported, fashion))
     slow = _run_folder(tmp_path / "slow", _sweep_shallow(exported, fashion, slow_ort_s=0.003))
 
-    absolute = Tolerances(gate_absolute=True)  # within one process: no machine-wide shift between runs
-    same = compare_runs(again, base, absolute)
+    # The default gates: ORT's speedup over torch eager, both timed in turns in each sweep, so a change in the
+    # machine's load between the sweeps moves both and cancels (absolute p50s are 'info' by default).
+    same = compare_runs(again, base, Tolerances())
     assert same["same_machine"] and same["regressions"] == []
-    assert set(_latency_verdicts(same).values()) <= {"ok", "unstable"}
+    assert "regressed" not in _latency_verdicts(same).values()
 
-    verdicts = _latency_verdicts(compare_runs(slow, base, absolute))
-    for batch in (1, 8):  # 3 ms more per call: ORT's p50 and its speedup over eager both regressed
-        for metric in (f"p50_ms[model/ort_cpu/{batch}]", f"speedup_vs_eager[model/ort_cpu/{batch}]"):
-            assert verdicts[metric] in ("regressed", "unstable"), (metric, verdicts)
+    verdicts = _latency_verdicts(compare_runs(slow, base, Tolerances()))
+    if set(verdicts.values()) == {"unstable"}:
+        # A machine so busy that no measurement is stable cannot show a slowdown; refusing to judge is right.
+        pytest.skip("every measurement unstable: the machine is too busy to time (the gate refused, as it must)")
+    for batch in (1, 8):  # 3 ms more per call (p50 ~0.3 ms at batch 1): ORT's speedup over eager regressed
+        metric = f"speedup_vs_eager[model/ort_cpu/{batch}]"
+        assert verdicts[metric] in ("regressed", "unstable"), (metric, verdicts)
     assert "regressed" in verdicts.values()
 
 
