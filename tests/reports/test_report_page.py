@@ -355,3 +355,18 @@ def test_capsbench_report_shows_regressions_against_a_doctored_baseline(run_copy
         re.S,
     )
     assert row, section[:2000]
+
+
+def test_a_stage_never_run_for_a_config_is_not_run_not_missing(run_copy):
+    """A preset that times only its first configs leaves the others without timing: that is no lost file."""
+    first, second = _configs(run_copy)
+    for d in (first, second):
+        (d / "latency_cpp.json").unlink()
+    pipeline = _json(second / "pipeline.json")
+    del pipeline["cpp"]  # the cpp stage never ran for the second config
+    (second / "pipeline.json").write_text(json.dumps(pipeline))
+    stages = re.search(r'<table id="stages">.*?</table>', render_report(run_copy).read_text(), re.S).group(0)
+    row1 = re.search(rf"<code>{first.name}</code>.*?</tr>", stages, re.S).group(0)
+    row2 = re.search(rf"<code>{second.name}</code>.*?</tr>", stages, re.S).group(0)
+    assert 'class="l missing">missing: latency_cpp.json<' in row1  # it ran: its file was lost
+    assert 'class="l na">not run<' in row2 and "missing" not in row2
