@@ -83,6 +83,9 @@ def _plain(v: float, _pos=None) -> str:
     return f"{v:g}" if 1e-4 <= abs(v) < 1e6 or v == 0 else f"{v:.0e}"
 
 
+LOG_FLOOR = 1e-12  # the lowest value a log axis shows; smaller values (vanished capsules: 0) are drawn here
+
+
 def _to_svg(fig: Figure, chart_id: str) -> str:
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": chart_id}):  # ids unique per chart and stable across runs
@@ -101,6 +104,10 @@ def _mark_axes(ax, chart_id: str, a: int) -> None:
 def _draw_series(ax, s: Series, chart_id: str, a: int, i: int, band: bool, log_y: bool) -> None:
     ls, marker = variant_style(s.variant)
     mean = s.mean
+    if log_y:
+        # A capsule length of 0 (or below the floor) has no place on a log axis: draw it at the floor, inside
+        # the axes, instead of a line running off the chart (the caption says so).
+        mean = [max(m, LOG_FLOOR) for m in mean]
     (line,) = ax.plot(s.x, mean, ls=ls, marker=marker, color=s.color, label=s.label, clip_on=False)
     line.set_gid(f"data-{chart_id}-a{a}-s{i}")
     if s.lo is not None and s.hi is not None:
@@ -111,6 +118,8 @@ def _draw_series(ax, s: Series, chart_id: str, a: int, i: int, band: bool, log_y
     else:
         lo = hi = None
     if lo is not None and hi is not None:
+        if log_y:
+            lo, hi = [max(v, LOG_FLOOR) for v in lo], [max(v, LOG_FLOOR) for v in hi]
         if band:
             ax.fill_between(s.x, lo, hi, color=line.get_color(), alpha=0.18, lw=0).set_gid(
                 f"spread-{chart_id}-a{a}-s{i}"
@@ -138,7 +147,7 @@ def _fit(ax, series: Sequence[Series], log_y: bool, log_x: bool, pad: float = 0.
         return
     lo, hi = min(ys), max(ys)
     if log_y:
-        lo, hi = max(lo, 1e-12), max(hi, 1e-12)
+        lo, hi = max(lo, LOG_FLOOR), max(hi, LOG_FLOOR)
         ratio = max(hi / lo, 1.5)
         ax.set_yscale("log")
         ax.set_ylim(lo / ratio**pad, hi * ratio ** (2.5 * pad))
@@ -196,7 +205,10 @@ def panels(
             ax.set(xlabel=p.xlabel, ylabel=p.ylabel, title=p.title)
         handles, labels = axes[0].get_legend_handles_labels()
         if legend and handles:
-            fig.legend(handles, labels, loc="outside right upper")
+            if len(labels) > 6:  # a long legend beside the panels crowds them: put it underneath
+                fig.legend(handles, labels, loc="outside lower center", ncols=min(5, (len(labels) + 1) // 2))
+            else:
+                fig.legend(handles, labels, loc="outside right upper")
         return _to_svg(fig, chart_id)
 
 
