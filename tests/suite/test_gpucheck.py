@@ -58,9 +58,12 @@ def test_gpu_check_allow_cpu_writes_the_cpu_figures(tmp_path, fashion_data_dir):
     # The cuda tests ran and skipped with the one reason; none failed.
     assert r["tests"]["skipped"] == 4 and r["tests"]["failed"] == 0 and r["tests"]["passed"] == 0
     assert all(reason.startswith("needs CUDA:") for reason in r["tests"]["skip_reasons"])
-    # The quick preset's net (16 x 8 capsules, no intermediate layer) trained on CPU past chance.
+    # The quick preset's first net trained on CPU past chance.
+    from capsbench.suite.presets import get_preset
+
     t = r["training"]
-    assert t["device"] == "cpu" and "16x8" in t["label"] and t["train_images"] == 2048
+    first = get_preset("quick").configs()[0]
+    assert t["device"] == "cpu" and t["label"] == first.label and t["train_images"] == 2048
     assert t["train_images_per_s"] > 0 and t["test_accuracy"] > 2 * t["chance"]
     lat = r["latency"]
     assert lat["provider"] == CPU and lat["parity"]["passed"] is True
