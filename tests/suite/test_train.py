@@ -185,7 +185,9 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, fashio
     assert state["epoch"] < 3, "the kill came too late to test resuming"
     assert not (ckpt.parent / "metrics.json").exists()
     # A kill can leave a temp file behind, but never one that looks like a result: hidden, ending in .tmp.
-    leftovers = [p.name for p in ckpt.parent.iterdir() if p.name not in ("config.json", "checkpoint.pt")]
+    # (health_init.json is finished before training starts: health at initialisation, a result of its own.)
+    finished = ("config.json", "checkpoint.pt", "health_init.json")
+    leftovers = [p.name for p in ckpt.parent.iterdir() if p.name not in finished]
     assert all(n.startswith(".") and n.endswith(".tmp") for n in leftovers), leftovers
 
     done = subprocess.run(_train_cmd(killed_runs, fashion_data_dir, 3), capture_output=True, text=True)
@@ -283,7 +285,10 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_data_dir):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--preset", "nope"], "unknown preset 'nope'; known presets: smoke, depth, quick, paper, sabour"),
+        (
+            ["train", "--preset", "nope"],
+            "unknown preset 'nope'; known presets: smoke, depth, quick, paper, sabour",
+        ),
         (["train", "--configs", "zzzz"], "no config of preset 'smoke' matches"),
         (["health", "/nonexistent/run"], "no trained configs here"),
     ],
