@@ -7,23 +7,15 @@ Reads result files only (pipeline.json, export.json, the files' presence and has
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from capsbench.reports.load import ReportError, read_json
+from capsbench.suite.rundir import sha256
 
 # The result files of a config folder that `check` compares (reports/compare.py), and the ONNX files whose
 # parity and timing it compares: in one run and not the other, the comparison would silently skip them.
 COMPARED = ("metrics.json", "health.json", "parity.json", "latency.json", "latency_cpp.json")
 VARIANT_FILES = ("model.onnx", "export.json", "parity.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _config_dirs(run_dir: Path) -> dict[str, Path]:
@@ -51,7 +43,7 @@ def _problems_of_run(run_dir: Path) -> list[str]:
         for export in [folder / "export.json", *sorted(folder.glob("prune_*/export.json"))]:
             info = read_json(export, "export")
             onnx = export.parent / "model.onnx"
-            if info is not None and onnx.is_file() and info.get("onnx_sha256") != _sha256(onnx):
+            if info is not None and onnx.is_file() and info.get("onnx_sha256") != sha256(onnx):
                 problems.append(f"{onnx}: not the file its export recorded (sha256 differs from export.json)")
     return problems
 
