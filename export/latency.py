@@ -31,6 +31,12 @@ REFERENCE = "torch_eager"
 STABLE_MIN_SAMPLES = 5
 STABLE_MAX_IQR_REL = 0.20
 STABLE_MAX_P50_OVER_MIN = 1.5
+# Other processes' CPU time while a measurement was timed, in cores (see `Contention`): above this, the
+# measurement shared its cores and is unstable whatever its spread (a competitor that slows every call alike
+# keeps the spread tight). Judged only over windows of at least CONTENTION_MIN_WINDOW_S, since /proc counts
+# CPU time in clock ticks (10 ms).
+MAX_OTHER_CORES = 0.25
+CONTENTION_MIN_WINDOW_S = 0.25
 RETRIES = 2  # an unstable measurement is timed again at most this many times
 
 
@@ -59,9 +65,71 @@ STABILITY_RULE = {
     "min_samples": STABLE_MIN_SAMPLES,
     "max_iqr_over_median": STABLE_MAX_IQR_REL,
     "max_median_over_min": STABLE_MAX_P50_OVER_MIN,
+    "max_other_cores": MAX_OTHER_CORES,
+    "contention_min_window_s": CONTENTION_MIN_WINDOW_S,
     "retries": RETRIES,
     "rounds": "a measurement timed in rounds (fresh processes) is stable when more than half of them are",
 }
+
+
+class Contention:
+    """How much CPU other processes took while a block ran: `with Contention() as c: ...; c.other_cores`.
+
+    From Linux's /proc: all CPUs' busy time (user, nice, system, irq, softirq and steal, the time a hypervisor
+    gave to other guests) minus this process's own (every thread of it), over the wall time, in cores. A
+    competitor spinning on one core reads about 1.0, a quiet machine about 0. `other_cores` is None where /proc
+    is missing (not Linux) or the window was shorter than one clock tick. Accumulates over several `with`
+    blocks: `window_s` is their total wall time.
+    """
+
+    _tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self) -> None:
+        self.window_s = 0.0
+        self._other_ticks = 0
+        self._known = True
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        try:
+            cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+            user, nice, system, _idle, _iowait, irq, softirq, steal = cpu
+            return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self) -> Contention:
+        self._start, self._t0 = self._ticks(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, wall = self._ticks(), time.perf_counter() - self._t0
+        if self._start is None or end is None:
+            self._known = False
+            return
+        self.window_s += wall
+        self._other_ticks += (end[0] - self._start[0]) - (end[1] - self._start[1])
+
+    @property
+    def other_cores(self) -> float | None:
+        if not self._known or self.window_s * self._tick < 1:
+            return None
+        return max(0.0, self._other_ticks / self._tick / self.window_s)
+
+    def verdict(self) -> str | None:
+        """Why a measurement made in this window is unstable (other processes took its cores), else None."""
+        other = self.other_cores
+        if other is None or self.window_s < CONTENTION_MIN_WINDOW_S or other <= MAX_OTHER_CORES:
+            return None
+        return f"other processes used {other:.2f} cores while timed > {MAX_OTHER_CORES}"
+
+    def record(self) -> dict[str, Any]:
+        other = self.other_cores
+        return {
+            "other_cores": None if other is None else round(other, 3),
+            "contention_window_s": round(self.window_s, 3),
+        }
 
 
 def summarize(durations_s: Sequence[float], batch: int = 1, first_s: float | None = None) -> dict[str, Any]:
@@ -99,7 +167,23 @@ def summarize(durations_s: Sequence[float], batch: int = 1, first_s: float | Non
     }
 
 
-SUMMARY_FIELDS = frozenset(summarize([1e-3], 1)) | {"attempts", "gflops_per_s", "gemm_fraction"}
+SUMMARY_FIELDS = frozenset(summarize([1e-3], 1)) | {
+    "attempts",
+    "gflops_per_s",
+    "gemm_fraction",
+    "other_cores",
+    "contention_window_s",
+}
+
+
+def judge_contention(stats: dict[str, Any], contention: Contention) -> dict[str, Any]:
+    """`summarize`'s statistics with the CPU time other processes took meanwhile, unstable when they took
+    more than MAX_OTHER_CORES."""
+    stats.update(contention.record())
+    busy = contention.verdict()
+    if busy is not None and stats["stable"]:
+        stats.update(stable=False, unstable_reason=busy)
+    return stats
 
 
 class _Timer:
@@ -153,8 +237,8 @@ def time_backend(
     each timed call (torch.cuda.synchronize, IOBinding output sync) so asynchronous work is counted.
     `max_seconds` stops warm-up and timing early (after at least `min_iters` timed calls) for slow backends.
 
-    An unstable measurement (see `stability`) is timed again, at most `retries` times (each attempt bounded
-    by `max_seconds`); the first stable attempt is kept, else the one with the lowest median, marked
+    An unstable measurement (see `stability`, or one timed while other processes took the cores, see
+    `Contention`) is timed again, at most `retries` times (each attempt bounded by `max_seconds`); the first stable attempt is kept, else the one with the lowest median, marked
     `stable: false`. `attempts` says how many were made.
     """
     timer = _Timer(run_fn, sync, clock)
@@ -164,8 +248,9 @@ def time_backend(
     while attempts <= retries and (best is None or not best["stable"]):
         attempts += 1
         timer.durations = []
-        timer.time(iters, max_seconds, min_iters)
-        stats = summarize(timer.durations, batch, timer.first)
+        with Contention() as contention:
+            timer.time(iters, max_seconds, min_iters)
+        stats = judge_contention(summarize(timer.durations, batch, timer.first), contention)
         if best is None or stats["stable"] or stats["p50_ms"] < best["p50_ms"]:
             best = stats
     return {**best, "attempts": attempts}
@@ -208,6 +293,7 @@ def pool_rounds(
             round_p50_ms=[r["p50_ms"] for r in rows],
             round_samples_ms=[r["samples_ms"] for r in rows],
             round_stable=[bool(r.get("stable", True)) for r in rows],
+            round_other_cores=[r.get("other_cores") for r in rows],
             stable=stable,
             unstable_reason=None
             if stable
@@ -279,8 +365,9 @@ def sweep(
     machine speed (a shared CPU) hits them alike and their ratio stays fair. Each turn starts with one
     untimed call: the first call after another runtime ran pays for waking this runtime's threads and
     refilling caches (issue 14), and ONNX Runtime sessions do not spin (sessions.make_session), so no
-    runtime's threads are busy while another is timed. Unstable measurements (see `stability`) are timed
-    again, all in turns, at most `retries` times. A failing backend records its error and the sweep goes on.
+    runtime's threads are busy while another is timed. Unstable measurements (see `stability`), and all of a
+    batch size's when other processes took the cores meanwhile (`Contention`), are timed again, all in turns,
+    at most `retries` times. A failing backend records its error and the sweep goes on.
     """
     rows: list[dict[str, Any]] = []
     per_round = max(1, -(-iters // max(rounds, 1)))
@@ -301,9 +388,13 @@ def sweep(
             attempts += 1
             for t in pending.values():
                 t.durations = []
-            _take_turns(pending, iters, per_round, max_seconds, min_iters, batch_rows)
+            with Contention() as contention:
+                _take_turns(pending, iters, per_round, max_seconds, min_iters, batch_rows)
             for name in list(pending):
-                stats = {**summarize(pending[name].durations, b, pending[name].first), "attempts": attempts}
+                stats = judge_contention(
+                    summarize(pending[name].durations, b, pending[name].first), contention
+                )
+                stats["attempts"] = attempts
                 row = batch_rows[name]
                 if "p50_ms" not in row or stats["stable"] or stats["p50_ms"] < row["p50_ms"]:
                     row.update(stats, status="ok")

@@ -6,7 +6,11 @@ latency.json keeps per round, `round_samples_ms`: rounds are fresh processes, re
 lies beyond the tolerance, so it exceeds both the tolerance and the noise measured in both runs, between
 processes as well as within one. An interval that crosses the tolerance is "noisy" ("noise too large to gate
 at 20%"), a measurement marked unstable in either run "unstable"; rows without raw samples (timed by older
-code) are "not gated". None of these is ever a regression.
+code) are "not gated". A config whose machine probe (the fp32 GEMM rate, measured at the start and the end of
+every timing round) moved by more than `machine_shift` within either run, or between the two runs on the same
+machine, is "disturbed": the machine did not run at one speed, so its latency figures are reported, not gated
+(a competitor on the cores slows the two runtimes unequally, which moves even same-run ratios). None of these
+is ever a regression.
 
 Which latency figures are gated:
 - ONNX Runtime's speedup over torch eager, a ratio measured within each run (machine-normalised);
@@ -39,6 +43,7 @@ class Tolerances:
     inactive_rise: int = 0  # routed capsules
     speedup_drop: float = 0.20  # relative fall of a same-run ratio (speedup over eager, GEMM-rate fraction)
     latency_rise: float = 0.25  # relative rise of p50, same machine only
+    machine_shift: float = 0.10  # the GEMM probe's largest move (within a run, or between runs) still gated
     # Absolute p50 is only reported unless asked for: on a shared VM whole processes ran 1.4-1.6x slower
     # than others on the same machine with tight in-run spreads (issue 14), a shift no in-run noise shows.
     gate_absolute: bool = False
@@ -57,27 +62,37 @@ def rounds_of(record: dict) -> list[list[float]]:
 
 
 def ratio_interval(
-    terms: Sequence[tuple[Sequence[Sequence[float]], int]], confidence: float = CONFIDENCE, seed: int = SEED
+    terms: Sequence[tuple[Sequence[Sequence[float]], int] | tuple[Sequence[Sequence[float]], int, str]],
+    confidence: float = CONFIDENCE,
+    seed: int = SEED,
 ) -> tuple[float, float, float]:
     """(point, low, high) of prod(figure ** exponent) over `terms`, with a percentile bootstrap interval.
 
     Each term is one measurement's samples grouped by round (fresh process); its figure is the mean of its
     rounds' medians. The bootstrap is hierarchical: rounds are resampled, then each chosen round's timed calls,
     so the interval carries the spread between processes as well as within one (issue 14). Terms are
-    resampled independently. E.g. [(cur, 1), (base, -1)] is the ratio current/baseline; with one round
-    per term it is the plain bootstrap of the ratio of medians.
+    resampled independently, except terms given the same group (a third element) with the same number of
+    rounds: those were timed in the same processes (ONNX Runtime and torch eager take turns in each round), so
+    one resampling of rounds serves them all and a process's speed, which moves both, cancels in their ratio
+    instead of widening it. E.g. [(cur, 1), (base, -1)] is the ratio current/baseline; with one round per term
+    it is the plain bootstrap of the ratio of medians.
     """
     rng = np.random.default_rng(seed)
     point = 1.0
     boot = np.ones(BOOTSTRAP)
-    for rounds, exponent in terms:
+    picks: dict[tuple[str, int], np.ndarray] = {}
+    for rounds, exponent, *group in terms:
         medians = []  # (rounds, BOOTSTRAP): each round's bootstrapped medians
         for samples in rounds:
             s = np.asarray(samples, dtype=np.float64)
             medians.append(np.median(s[rng.integers(0, s.size, (BOOTSTRAP, s.size))], axis=1))
         m = np.asarray(medians)
         point *= float(np.mean([np.median(r) for r in rounds])) ** exponent
-        pick = rng.integers(0, len(rounds), (BOOTSTRAP, len(rounds)))
+        shape = (BOOTSTRAP, len(rounds))
+        if group:
+            pick = picks.setdefault((group[0], len(rounds)), rng.integers(0, len(rounds), shape))
+        else:
+            pick = rng.integers(0, len(rounds), shape)
         boot *= m[pick, np.arange(BOOTSTRAP)[:, None]].mean(axis=1) ** exponent
     alpha = (1 - confidence) / 2
     low, high = np.quantile(boot, [alpha, 1 - alpha])
@@ -85,29 +100,54 @@ def ratio_interval(
 
 
 def latency_gate(
-    terms: Sequence[tuple[dict, int]], tolerance: float, higher_is_better: bool
+    terms: Sequence[tuple[dict, int] | tuple[dict, int, str]], tolerance: float, higher_is_better: bool
 ) -> dict[str, Any]:
     """The verdict on one latency figure: `terms` are (latency row or GEMM record, exponent) whose figures
     multiply to the current/baseline ratio. 'regressed' only when the whole interval lies beyond the
     tolerance (below 1 - tolerance for a figure where higher is better, above 1 + tolerance for a time);
     'noisy' when the interval reaches beyond the tolerance without lying wholly there (the noise is too large
     to tell at this tolerance: never a regression); 'unstable' when any measurement involved is marked
-    unstable; 'not_gated' without raw samples."""
-    if any(r.get("stable") is False for r, _ in terms):
+    unstable; 'not_gated' without raw samples. Terms with a group (a third element) are rows timed in the same
+    rounds, resampled together (see `ratio_interval`)."""
+    if any(r.get("stable") is False for r, *_ in terms):
         return {"status": "unstable", "noise": "unstable measurement, not gated"}
-    if not all(r.get("samples_ms") for r, _ in terms):
+    if not all(r.get("samples_ms") for r, *_ in terms):
         return {"status": "not_gated", "noise": "no raw samples (timed by older code), not gated"}
-    ratio, low, high = ratio_interval([(rounds_of(r), e) for r, e in terms])
+    ratio, low, high = ratio_interval([(rounds_of(r), *rest) for r, *rest in terms])
     bound = 1 - tolerance if higher_is_better else 1 + tolerance
     beyond = (high < bound, low < bound) if higher_is_better else (low > bound, high > bound)
     status = "regressed" if beyond[0] else "noisy" if beyond[1] else "ok"
-    rounds = min(len(rounds_of(r)) for r, _ in terms)
+    rounds = min(len(rounds_of(r)) for r, *_ in terms)
     noise = (
         f"{int(CONFIDENCE * 100)}% interval of current/baseline [{low:.3f}, {high:.3f}], {rounds} round(s)"
     )
     if status == "noisy":
         noise = f"noise too large to gate at {tolerance:.0%}: {noise} crosses {bound:.2f}"
     return {"status": status, "ratio": round(ratio, 4), "ci": [round(low, 4), round(high, 4)], "noise": noise}
+
+
+def machine_disturbance(
+    current: dict | None, baseline: dict | None, same_machine: bool, shift: float
+) -> str | None:
+    """Why two timings of a config cannot be compared (the machine did not run at one speed), else None.
+
+    From each latency.json's `machine_probe`: its drift within the run, and on the same machine the ratio of
+    the two runs' probe speeds (their fastest calls), each allowed to move by `shift` (10%: what same-commit
+    runs on a quiet 2-core VM stayed within, against 1.9x beside one competing process, issue 14)."""
+    limit = 1 + shift
+    for name, probe in (("current", current), ("baseline", baseline)):
+        if probe and probe.get("drift", 1.0) > limit:
+            return (
+                f"the machine's speed changed during the {name} run (GEMM probe varied {probe['drift']:.2f}x)"
+            )
+    if same_machine and current and baseline:
+        ratio = baseline["min_ms"] / current["min_ms"]  # current rate / baseline rate, at the fastest calls
+        if not 1 / limit <= ratio <= limit:
+            return (
+                f"the machine ran at a different speed in the two runs (GEMM probe's fastest calls "
+                f"{current['min_ms']:.1f} vs {baseline['min_ms']:.1f} ms, rate {ratio:.2f}x the baseline's)"
+            )
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -156,12 +196,24 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
     def gate(
         cid: str, metric: str, baseline: float, current: float, tolerance: str, verdict: dict, label: str
     ):
+        if disturbed is not None and verdict["status"] in ("ok", "regressed", "noisy", "info"):
+            verdict = {
+                **verdict,
+                "status": "disturbed",
+                "noise": f"{disturbed}, not gated; {verdict['noise']}",
+            }
         check(cid, metric, round(baseline, 4), round(current, 4), False, tolerance, gate=label, **verdict)
 
     for c in cur["configs"]:
         b = base_by_id.get(c["id"])
         if b is None:
             continue
+        disturbed = machine_disturbance(
+            (c.get("latency") or {}).get("machine_probe"),
+            (b.get("latency") or {}).get("machine_probe"),
+            same_machine,
+            tol.machine_shift,
+        )
         cm, bm = c.get("metrics") or {}, b.get("metrics") or {}
         if bm.get("status") == "complete":
             ok = cm.get("status") == "complete"
@@ -196,8 +248,14 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
             v, backend, batch = key
             if not str(backend).startswith("ort") or (v, batch) not in be or (v, batch) not in ce:
                 continue
-            # (eager_c / ort_c) / (eager_b / ort_b): ONNX Runtime's speedup, current over baseline
-            terms = [(ce[(v, batch)], 1), (cr[key], -1), (be[(v, batch)], -1), (br[key], 1)]
+            # (eager_c / ort_c) / (eager_b / ort_b): ONNX Runtime's speedup, current over baseline; each run's
+            # two rows come from the same rounds (processes), resampled together
+            terms = [
+                (ce[(v, batch)], 1, "current"),
+                (cr[key], -1, "current"),
+                (be[(v, batch)], -1, "baseline"),
+                (br[key], 1, "baseline"),
+            ]
             gate(
                 c["id"],
                 f"speedup_vs_eager[{_key(key)}]",
@@ -250,7 +308,7 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
         "confidence": CONFIDENCE,
         "checks": checks,
         "regressions": regressions,
-        "not_gated": [ch for ch in checks if ch["status"] in ("unstable", "not_gated", "noisy")],
+        "not_gated": [ch for ch in checks if ch["status"] in ("unstable", "not_gated", "noisy", "disturbed")],
         "missing_configs": missing,
         "ok": not regressions and not missing,
     }

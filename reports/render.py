@@ -412,9 +412,31 @@ def latency_tables(configs: list[dict]) -> list[dict]:
                     )
                 lines.append({"batch": batch, "cells": cells})
             tables.append(
-                {"id": c["id"], "label": c["label"], "variant": variant, "backends": backends, "rows": lines}
+                {
+                    "id": c["id"],
+                    "label": c["label"],
+                    "variant": variant,
+                    "backends": backends,
+                    "rows": lines,
+                    "machine": machine_line(c["latency"]),
+                }
             )
     return tables
+
+
+def machine_line(latency: dict | None) -> str | None:
+    """How fast the machine ran while a config was timed (its GEMM probe) and which rounds were set aside."""
+    probe = (latency or {}).get("machine_probe")
+    if not probe:
+        return None
+    line = (
+        f"machine probe: fp32 GEMM {probe['gflops_per_s']:.0f} GFLOP/s, its fastest calls varied "
+        f"{probe['drift']:.2f}× over {latency.get('rounds', '?')} round(s)"
+    )
+    set_aside = latency.get("rounds_set_aside") or []
+    if set_aside:
+        line += f"; {len(set_aside)} round(s) set aside and timed again ({set_aside[0]})"
+    return line
 
 
 # ---------------------------------------------------------------- charts

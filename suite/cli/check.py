@@ -29,7 +29,9 @@ def register(sub) -> None:
         "than --speedup-drop). A latency change counts only when the whole 95% bootstrap interval of the "
         "ratio, from both runs' raw timed calls resampled round (process) by round, lies beyond the "
         "tolerance; one whose interval crosses the tolerance is reported as NOISY ('noise too large to gate'), "
-        "a measurement marked unstable as UNSTABLE, both not gated and never a regression. A config of the baseline missing from the run also fails. Refuses (exit 2) "
+        "a measurement marked unstable as UNSTABLE, and a config whose machine probe (fp32 GEMM rate at the start and "
+        "end of every timing round) moved by more than --machine-shift within a run or between the two runs on "
+        "one machine as DISTURBED: all not gated and never a regression. A config of the baseline missing from the run also fails. Refuses (exit 2) "
         "to compare when either run has a failed stage (pipeline.json), lacks a result file the other has, or "
         "holds a model.onnx that is not the file its export recorded. Prints every check with both values, the "
         "tolerance and the noise.",
@@ -66,6 +68,12 @@ def register(sub) -> None:
         help="also fail on absolute p50 rises on the same machine (default: reported only, since a shared "
         "machine's speed shifts between processes by more than one run's noise)",
     )
+    p.add_argument(
+        "--machine-shift",
+        type=nonnegative_float,
+        default=d.machine_shift,
+        help=f"relative move of the machine probe beyond which latency is not gated (default {d.machine_shift})",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the full comparison as JSON here")
     p.set_defaults(func=run)
 
@@ -77,6 +85,7 @@ def format_check(ch: dict) -> str:
         "unstable": "UNSTABLE",
         "not_gated": "NOT GATED",
         "noisy": "NOISY",
+        "disturbed": "DISTURBED",
         "info": "info",
     }.get(ch["status"], "ok")
     line = (
@@ -90,7 +99,12 @@ def format_check(ch: dict) -> str:
 
 def run(args) -> int:
     tol = Tolerances(
-        args.accuracy_drop, args.inactive_rise, args.speedup_drop, args.latency_rise, args.gate_absolute
+        accuracy_drop=args.accuracy_drop,
+        inactive_rise=args.inactive_rise,
+        speedup_drop=args.speedup_drop,
+        latency_rise=args.latency_rise,
+        machine_shift=args.machine_shift,
+        gate_absolute=args.gate_absolute,
     )
     try:
         if problems := completeness_problems(args.run_dir, args.baseline):

@@ -11,6 +11,8 @@ import pytest
 
 from capsbench.export import make_session, summarize, sweep, time_backend
 from capsbench.export.latency import (
+    MAX_OTHER_CORES,
+    Contention,
     format_table,
     ort_backend,
     pool_rounds,
@@ -296,3 +298,54 @@ def test_ort_sessions_do_not_spin_after_a_run_unless_asked(exported):
     assert quiet.info["allow_spinning"] is False and spinning.info["allow_spinning"] is True
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: spinning
         spinning.session.get_session_options().get_session_config_entry(entry)
+
+
+# ------------------------------------------------------------------- contention: other processes on the cores
+
+
+def _competitor():
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # running
+    return p
+
+
+def _other_cores_while(work, seconds=0.6):
+    with Contention() as c:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            work()
+    return c
+
+
+def test_contention_counts_other_processes_cpu_time_and_not_this_ones():
+    spin = _other_cores_while(lambda: None)  # this process busy on a core: not contention
+    competitor = _competitor()
+    try:
+        beside = _other_cores_while(lambda: time.sleep(0.01))  # this process idle, the competitor spinning
+    finally:
+        competitor.kill()
+        competitor.wait()
+    assert spin.other_cores is not None and beside.other_cores is not None
+    assert beside.other_cores - spin.other_cores > 0.6  # about one core, whatever else the machine does
+    assert beside.verdict() is not None and "other processes used" in beside.verdict()
+    assert beside.record()["contention_window_s"] >= 0.6
+
+
+def _steady(x):
+    """A backend whose every call takes 2 ms of sleep: a spread no competitor can widen."""
+    return (lambda: time.sleep(0.002)), None
+
+
+def test_a_tight_measurement_beside_a_competing_process_is_unstable_for_that_reason():
+    images = np.zeros((8, 1, 28, 28), np.float32)
+    competitor = _competitor()
+    try:
+        (busy,) = sweep({"sleep": _steady}, images, (1,), warmup=2, iters=150, retries=1)
+    finally:
+        competitor.kill()
+        competitor.wait()
+    assert busy["iqr_rel"] < 0.2 and busy["other_cores"] > MAX_OTHER_CORES  # tight, yet the cores were shared
+    assert busy["stable"] is False and "other processes used" in busy["unstable_reason"]
+    assert busy["attempts"] == 2  # timed again, still beside the competitor
+    single = time_backend(lambda: time.sleep(0.002), warmup=2, iters=150, retries=0)  # the same rule alone
+    assert single["other_cores"] is not None and single["contention_window_s"] > 0.25

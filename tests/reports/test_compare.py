@@ -34,13 +34,21 @@ def _row(backend, batch, samples, stable=True):
     }
 
 
-def make_run(root, rows, machine=MACHINE, gemm_samples=None):
-    """A run folder with one config whose latency.json holds `rows`."""
+def make_run(root, rows, machine=MACHINE, gemm_samples=None, probe=None):
+    """A run folder with one config whose latency.json holds `rows` (and `probe`, its machine probe)."""
     _write(root / "run.json", "run", {"environment": machine})
     _write(root / CONFIG / "config.json", "config", {"config_id": CONFIG, "label": "test", "config": {}})
     gemm = {"p50_ms": 1.0, "samples_ms": list(gemm_samples if gemm_samples is not None else [1.0] * 5)}
-    _write(root / CONFIG / "latency.json", "latency", {"status": "complete", "rows": rows, "gemm": gemm})
+    latency = {"status": "complete", "rows": rows, "gemm": gemm}
+    if probe is not None:
+        latency["machine_probe"] = probe
+    _write(root / CONFIG / "latency.json", "latency", latency)
     return root
+
+
+def probe(min_ms, drift=1.02):
+    """A machine probe as the time stage writes it: the GEMM's fastest calls around `min_ms`."""
+    return {"min_ms": min_ms, "p50_ms": min_ms * 1.03, "gflops_per_s": 17180 / min_ms, "drift": drift}
 
 
 def samples(rng, median_ms, n=50, spread=0.03):
@@ -50,7 +58,7 @@ def samples(rng, median_ms, n=50, spread=0.03):
     return s
 
 
-def two_runs(tmp_path, ort_scale=1.0, eager_scale=1.0, spread=0.03, seed=0, **kw):
+def two_runs(tmp_path, ort_scale=1.0, eager_scale=1.0, spread=0.03, seed=0, probes=(None, None), **kw):
     rng = np.random.default_rng(seed)
 
     def rows(o, e):
@@ -60,8 +68,8 @@ def two_runs(tmp_path, ort_scale=1.0, eager_scale=1.0, spread=0.03, seed=0, **kw
             for backend, med, scale in (("ort_cpu", 0.3, o), ("torch_eager", 0.6, e))
         ]
 
-    base = make_run(tmp_path / "base", rows(1.0, 1.0), **kw)
-    cur = make_run(tmp_path / "cur", rows(ort_scale, eager_scale), **kw)
+    base = make_run(tmp_path / "base", rows(1.0, 1.0), probe=probes[0], **kw)
+    cur = make_run(tmp_path / "cur", rows(ort_scale, eager_scale), probe=probes[1], **kw)
     return cur, base
 
 
@@ -227,3 +235,62 @@ def test_noise_wider_than_the_tolerance_is_reported_noisy_never_a_regression(tmp
     assert main(["check", str(cur), "--baseline", str(base), "--gate-absolute"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("NOISY"))
     assert "noise too large to gate at" in line
+
+
+# ------------------------------------------------------------------------ the machine probe: disturbed runs
+
+
+SPEEDUPS = {"speedup_vs_eager[model/ort_cpu/1]", "speedup_vs_eager[model/ort_cpu/8]"}
+
+
+def test_a_real_slowdown_on_a_steady_machine_is_still_flagged(tmp_path):
+    # probes 4% apart, as same-commit runs on the quiet VM gave: comparable, so the slowdown is a finding
+    result = compare_runs(*two_runs(tmp_path, ort_scale=1.6, probes=(probe(90.0), probe(93.5))))
+    assert {ch["metric"] for ch in result["regressions"]} == SPEEDUPS
+
+
+def test_a_run_timed_while_the_machine_ran_slower_is_disturbed_never_a_regression(tmp_path):
+    # The baseline was timed beside a competing process: its GEMM probe ran 1.9x slower, and its same-run
+    # ratio was skewed (torch slowed more than ORT), which a quiet rerun then seemed to lose (issue 14).
+    cur, base = two_runs(tmp_path, ort_scale=1.6, probes=(probe(175.0), probe(92.0)))
+    result = compare_runs(cur, base)
+    assert result["regressions"] == [] and result["ok"]
+    gates = {ch["metric"]: ch for ch in latency_checks(result)}
+    assert {gates[m]["status"] for m in SPEEDUPS} == {"disturbed"}
+    assert all(ch in result["not_gated"] for ch in gates.values())
+    assert "different speed in the two runs" in gates["speedup_vs_eager[model/ort_cpu/1]"]["noise"]
+
+
+def test_a_probe_that_drifted_within_one_run_disturbs_its_gates(tmp_path):
+    cur, base = two_runs(tmp_path, ort_scale=1.6, probes=(probe(90.0), probe(90.0, drift=1.3)))
+    result = compare_runs(cur, base)
+    assert result["regressions"] == []
+    noise = {ch["noise"] for ch in latency_checks(result)}
+    assert all("speed changed during the current run (GEMM probe varied 1.30x)" in n for n in noise)
+
+
+def test_the_machine_shift_is_a_tolerance_the_user_sets(tmp_path, capsys):
+    cur, base = two_runs(tmp_path, ort_scale=1.6, probes=(probe(90.0), probe(108.0)))  # 20% apart
+    assert main(["check", str(cur), "--baseline", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "6 disturbed" in out and any(ln.startswith("DISTURBED") for ln in out.splitlines())
+    assert main(["check", str(cur), "--baseline", str(base), "--machine-shift", "0.25"]) == 1
+
+
+def test_a_process_speed_that_moves_both_runtimes_cancels_in_their_same_run_ratio(tmp_path):
+    # ORT 1.6x slower in every round of the current run; each round a process whose speed moves both runtimes
+    # (they take turns in it): resampled round by round together, the speed cancels and the slowdown shows
+    rng = np.random.default_rng(4)
+    cur, base = _process_runs(tmp_path, rng, [1.0, 1.5, 1.0], [1.5, 1.0, 1.5], ort_scale=1.6)
+    (gate,) = [ch for ch in latency_checks(compare_runs(cur, base)) if ch["metric"].startswith("speedup")]
+    assert gate["status"] == "regressed" and gate["ci"][1] < 0.8
+    # the same four rows resampled independently: the process speeds widen the interval past the tolerance
+    rows = {}
+    for name, run in (("cur", cur), ("base", base)):
+        for r in json.loads((run / CONFIG / "latency.json").read_text())["rows"]:
+            rows[name, r["backend"]] = r["round_samples_ms"]
+    _, low, high = ratio_interval(
+        [(rows["cur", "torch_eager"], 1), (rows["cur", "ort_cpu"], -1)]
+        + [(rows["base", "torch_eager"], -1), (rows["base", "ort_cpu"], 1)]
+    )
+    assert low < 0.8 < high
