@@ -43,7 +43,7 @@ class Tolerances:
     inactive_rise: int = 0  # routed capsules
     speedup_drop: float = 0.20  # relative fall of a same-run ratio (speedup over eager, GEMM-rate fraction)
     latency_rise: float = 0.25  # relative rise of p50, same machine only
-    machine_shift: float = 0.10  # the GEMM probe's largest move (within a run, or between runs) still gated
+    machine_shift: float = 0.15  # the GEMM probe's largest move (within a run, or between runs) still gated
     # Absolute p50 is only reported unless asked for: on a shared VM whole processes ran 1.4-1.6x slower
     # than others on the same machine with tight in-run spreads (issue 14), a shift no in-run noise shows.
     gate_absolute: bool = False
@@ -132,8 +132,9 @@ def machine_disturbance(
     """Why two timings of a config cannot be compared (the machine did not run at one speed), else None.
 
     From each latency.json's `machine_probe`: its drift within the run, and on the same machine the ratio of
-    the two runs' probe speeds (their fastest calls), each allowed to move by `shift` (10%: what same-commit
-    runs on a quiet 2-core VM stayed within, against 1.9x beside one competing process, issue 14)."""
+    the two runs' probe speeds (their fastest calls), each allowed to move by `shift` (15%: five same-commit
+    runs on a quiet 2-core VM stayed within 8% of each other, one beside a competing process ran 1.5x slower,
+    issue 14)."""
     limit = 1 + shift
     for name, probe in (("current", current), ("baseline", baseline)):
         if probe and probe.get("drift", 1.0) > limit:
