@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from capsbench.export.errors import ExportError
-from capsbench.export.latency import summarize
+from capsbench.export.latency import Contention, judge_contention, summarize
 from capsbench.export.sessions import EXECUTION_PROVIDERS
 from capsbench.files import atomic_write
 
@@ -299,7 +299,8 @@ def run_runner(
 ) -> dict[str, Any]:
     """Time `model` with the C++ runner; its JSON: `rows` has one row per batch size with the harness's fields
     (backend 'ort_cpp_cpu'/'ort_cpp_cuda'/'ort_cpp_cuda_graph', p50_ms, ..., status/error), the statistics
-    recomputed from the runner's raw samples by `latency.summarize` (spread, stability, samples_ms).
+    recomputed from the runner's raw samples by `latency.summarize` (spread, stability, samples_ms), unstable
+    when other processes took the cores while it ran (`latency.Contention`).
 
     input: a CBT1 file or an array (written to a temporary file); batch b takes its first b rows, cycling.
     None: random uniform [0, 1). output: the outputs of the last run (last batch size) as CBT1 records.
@@ -340,7 +341,8 @@ def run_runner(
                 os.pathsep
             )
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            with Contention() as contention:  # other processes beside the runner's
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         except FileNotFoundError as e:
             raise RunnerError(f"{binary}: runner not found; build it with build_runner()") from e
         except subprocess.TimeoutExpired as e:
@@ -353,7 +355,8 @@ def run_runner(
                     # one summariser for every route: spread and stability as the Python harness computes them
                     first = row.get("first_run_ms")
                     seconds = [x / 1e3 for x in row["samples_ms"]]
-                    row.update(summarize(seconds, row["batch"], None if first is None else first / 1e3))
+                    stats = summarize(seconds, row["batch"], None if first is None else first / 1e3)
+                    row.update(judge_contention(stats, contention))
             return result
         why = EXIT_CODES.get(res.returncode, f"exit code {res.returncode}")
         last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "(no message)"

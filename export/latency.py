@@ -76,7 +76,8 @@ class Contention:
     """How much CPU other processes took while a block ran: `with Contention() as c: ...; c.other_cores`.
 
     From Linux's /proc: all CPUs' busy time (user, nice, system, irq, softirq and steal, the time a hypervisor
-    gave to other guests) minus this process's own (every thread of it), over the wall time, in cores. A
+    gave to other guests) minus this process's own (every thread of it, and the children it waited for, such as
+    the C++ runner's process), over the wall time, in cores. A
     competitor spinning on one core reads about 1.0, a quiet machine about 0. `other_cores` is None where /proc
     is missing (not Linux) or the window was shorter than one clock tick. Accumulates over several `with`
     blocks: `window_s` is their total wall time.
@@ -95,7 +96,8 @@ class Contention:
             cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
             own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
             user, nice, system, _idle, _iowait, irq, softirq, steal = cpu
-            return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+            # utime, stime, and those of children waited for (a C++ runner run to its end inside the window)
+            return user + nice + system + irq + softirq + steal, sum(int(x) for x in own[11:15])
         except (OSError, ValueError, IndexError):
             return None
 

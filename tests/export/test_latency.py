@@ -349,3 +349,17 @@ def test_a_tight_measurement_beside_a_competing_process_is_unstable_for_that_rea
     assert busy["attempts"] == 2  # timed again, still beside the competitor
     single = time_backend(lambda: time.sleep(0.002), warmup=2, iters=150, retries=0)  # the same rule alone
     assert single["other_cores"] is not None and single["contention_window_s"] > 0.25
+
+
+def test_a_child_waited_for_inside_the_window_is_this_processs_own_work():
+    """The C++ runner is a child process: its CPU time must not read as contention."""
+
+    def child(code):
+        with Contention() as c:
+            subprocess.run([sys.executable, "-c", code], check=True)
+        return c.other_cores
+
+    spinning = child("import time\nt = time.time()\nwhile time.time() - t < 0.8: pass")
+    sleeping = child("import time; time.sleep(0.8)")
+    assert spinning is not None and sleeping is not None
+    assert spinning < sleeping + 0.3  # a spinning child adds no contention (~1 core if it were counted)
