@@ -35,6 +35,25 @@ from capsbench.suite.rundir import (
 
 __all__ = ["CheckpointError", "load_model", "model_from_state", "read_checkpoint", "is_trained"]
 EVAL_BATCH = 500
+# Training precision: fp32, or bf16 autocast over forward and loss (weights, optimizer and evaluation stay fp32).
+PRECISIONS = ("fp32", "bf16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The mixed-precision context of a training forward and loss: autocast for bf16, nothing for fp32."""
+    if precision not in PRECISIONS:
+        from capsbench.suite.errors import ConfigError
+
+        raise ConfigError(f"unknown training precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def trained_precision(record: dict) -> str:
+    """The precision a metrics file or checkpoint was trained in (files from before the option: fp32)."""
+    return record.get("precision", "fp32")
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,7 @@ def train(
     files: StageFiles = TRAIN_FILES,
     label: str = "train",
     compile_mode: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Train (or resume, or skip when finished) one config; returns the metrics written to `files.metrics`.
 
@@ -129,16 +149,29 @@ def train(
     for the training forward (and, through AOTAutograd, its backward); None trains eager. Off by default: on
     2 CPU threads the first compile (tens of seconds per net) outweighs its gain on a smoke run (see
     `capsbench bench train`). The checkpoint holds the eager module's weights either way.
+
+    `precision`: "fp32", or "bf16" for autocast over the forward and the loss (fp32 weights and Adam; capsule
+    lengths and squash in fp32, see models.layers.full_precision; evaluation in fp32, as the net is exported).
+    It is recorded in the checkpoint and metrics: a finished or half-done training of the other precision is
+    not reused but trained again from scratch.
     """
     out_dir = Path(out_dir)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     epochs = cfg.epochs if epochs is None else epochs
     ckpt_path = out_dir / files.checkpoint
+    autocast(device, precision)  # an unknown precision fails here, before anything is removed or written
+    if not force and is_trained(out_dir, files.metrics, files.checkpoint):
+        done = read_result(out_dir / files.metrics, "metrics")
+        if trained_precision(done) == precision:
+            return done
+        force = True  # a finished training of the other precision: train again, as with --force
+        if progress:
+            tqdm.write(
+                f"  {label} {cfg.id}: trained in {trained_precision(done)}, {precision} asked: training again"
+            )
     if force:
         for name in (files.checkpoint, files.metrics):
             (out_dir / name).unlink(missing_ok=True)
-    elif is_trained(out_dir, files.metrics, files.checkpoint):
-        return read_result(out_dir / files.metrics, "metrics")
     write_json(
         out_dir / CONFIG_FILE, "config", {"config_id": cfg.id, "label": cfg.label, "config": cfg.to_dict()}
     )
@@ -149,6 +182,8 @@ def train(
     history: list[dict] = []
     start_epoch, resumed_from = 1, None
     state = read_checkpoint(cfg, ckpt_path) if ckpt_path.exists() else None
+    if state is not None and trained_precision(state) != precision:
+        state = None  # never resume one precision's run in another: start afresh, overwriting it
     if state is not None:
         model = model_from_state(state, cfg.model)
     elif model is None:
@@ -195,15 +230,16 @@ def train(
             for step in bar:
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x, y = train_x[idx].float().div_(255.0), train_y[idx]
-                v = forward(x)
-                lengths = CapsNet.lengths(v)
-                loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
-                if model.decoder is not None:
-                    loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
-                if ccm_maps is not None:
-                    ccm = ccm_loss(list(ccm_maps.maps.values()), detach=cfg.ccm_detach)
-                    loss = loss - cfg.ccm_weight * ccm
-                    ccm_sum += ccm.item() * len(idx)
+                with autocast(device, precision):
+                    v = forward(x)
+                    lengths = CapsNet.lengths(v)
+                    loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
+                    if model.decoder is not None:
+                        loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
+                    if ccm_maps is not None:
+                        ccm = ccm_loss(list(ccm_maps.maps.values()), detach=cfg.ccm_detach)
+                        loss = loss - cfg.ccm_weight * ccm
+                        ccm_sum += ccm.item() * len(idx)
                 if not torch.isfinite(loss):
                     raise DivergenceError(
                         f"config {cfg.id}: loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
@@ -243,6 +279,8 @@ def train(
                 "config": cfg.to_dict(),
                 "model_config": model.cfg.to_dict(),
                 "epoch": epoch,
+                "precision": precision,
+                "compile_mode": compile_mode,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -267,6 +305,8 @@ def train(
         "eval_images": len(splits.test_x),
         "parameters": model.num_parameters(),
         "resumed_from_epoch": resumed_from,
+        "precision": precision,
+        "compile_mode": compile_mode,
         "wall_seconds_this_run": time.perf_counter() - t_start,
         "train_seconds_total": sum(h["train_seconds"] for h in history),
         "history": history,

@@ -9,6 +9,7 @@ import torch
 from capsbench.suite.cli import options
 from capsbench.suite.env import pick_device
 from capsbench.suite.presets import PRESETS
+from capsbench.suite.train import PRECISIONS
 from capsbench.suite.trainbench import BACKENDS, TRAIN_BENCH_FILE, format_train_bench, run_train_bench
 
 DEFAULT_PRESETS = tuple(p for p in ("smoke", "quick", "sabour", "depth") if p in PRESETS)
@@ -36,6 +37,13 @@ def register(sub) -> None:
         action="append",
         choices=BACKENDS,
         help="eager and/or compiled (torch.compile; its first step compiles, reported apart) (default: both)",
+    )
+    t.add_argument(
+        "--precision",
+        action="append",
+        choices=PRECISIONS,
+        help="fp32 and/or bf16 (autocast over forward and loss, as 'capsbench train --precision bf16'); "
+        "repeat for both (default: fp32)",
     )
     t.add_argument(
         "--steps", type=int, default=5, help="timed steps per net and backend (default: %(default)s)"
@@ -72,6 +80,7 @@ def run(args) -> int:
         args.preset or DEFAULT_PRESETS,
         args.out,
         backends=args.backend or BACKENDS,
+        precisions=args.precision or ("fp32",),
         device=pick_device(args.device),
         warmup=args.warmup,
         steps=args.steps,

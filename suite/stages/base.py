@@ -52,6 +52,7 @@ class Settings:
     baseline: Path | None = None  # the report's baseline run folder
     device: str | None = None
     compile_mode: str | None = None  # train: a torch.compile mode for the training forward; None = eager
+    precision: str = "fp32"  # train: "fp32" or "bf16" (autocast); recorded in metrics.json, part of "done"
     force: bool = False
     progress: bool = True
     keep_intermediate: bool = False  # keep surgery.pt and finetune.pt after their stage is done

@@ -135,3 +135,33 @@ def test_decoder_reconstructs_image_shape_from_masked_capsules():
     v = net(torch.rand(2, 1, 28, 28))
     assert net.decoder(v, torch.tensor([1, 2])).shape == (2, 1, 28, 28)
     assert net.decoder(v).shape == (2, 1, 28, 28)
+
+
+def test_squash_and_lengths_of_bf16_capsules_are_computed_in_fp32():
+    # Under bf16 autocast the matmuls hand squash bf16 capsules; squashing in bf16 would keep 8 significant bits.
+    s = torch.randn(4, 10, 16) * 3
+    s16 = s.bfloat16()
+    v = squash(s16)
+    assert v.dtype == torch.float32 and torch.equal(v, squash(s16.float()))
+    lengths = CapsNet.lengths(s16)
+    assert lengths.dtype == torch.float32 and torch.equal(lengths, CapsNet.lengths(s16.float()))
+    # An fp32 capsule passes through untouched: no cast, so the fp32 net (and its ONNX graph) is unchanged.
+    assert squash(s).dtype == torch.float32 and squash(s.double()).dtype == torch.float64
+
+
+def test_routing_under_bf16_autocast_keeps_fp32_logits_and_finite_gradients_at_vanished_capsules():
+    torch.manual_seed(0)
+    layer = CapsLayer(in_caps=32, in_dim=8, out_caps=10, out_dim=16)
+    u = torch.randn(4, 32, 8)
+    u[0] = 0  # one image whose capsules all vanished: the safe norms must not turn its gradient into NaN
+    u.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u_hat = layer.predictions(u)
+        v, c = dynamic_routing(u_hat, 3)
+        loss = CapsNet.lengths(v).sum()
+    assert u_hat.dtype == torch.bfloat16  # autocast did reach the matmuls
+    assert v.dtype == c.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(u.grad).all() and torch.isfinite(layer.weight.grad).all()
+    v32, _ = dynamic_routing(layer.predictions(u.detach()), 3)
+    assert torch.allclose(v, v32, atol=2e-2)
