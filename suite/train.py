@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,27 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+# torch.compile's "auto" policy (the default of `capsbench train`): time the run's first eager steps, then compile
+# for the rest when the steps left at that step time would save clearly more than a compile costs. Measured
+# with `capsbench bench train` on 2 CPU threads (README, "Training speed"): a compiled step took 0.61 x the eager
+# one on the quick net and 0.77-0.84 x on sabour's; a first compile took 16 s (sabour) to 40 s (quick), 2-3 s
+# when inductor's on-disk cache already holds the graph. The constants are the conservative ends.
+AUTO_COMPILE_SAVING = 0.15  # share of an eager step's time that compile saves, at least
+AUTO_COMPILE_COST_S = 60.0  # seconds of a first compile, at most
+AUTO_COMPILE_MARGIN = 2.0  # compile only when the estimated saving is this many compile costs
+AUTO_TIMED_STEPS = 3  # eager steps timed after the first one (which warms the allocator)
+COMPILE_MODES = ("auto", "default", "max-autotune", "reduce-overhead")
+
+
+def compile_pays(steps_left: int, eager_step_s: float) -> bool:
+    """The auto policy's rule: do `steps_left` steps of `eager_step_s` save AUTO_COMPILE_MARGIN compiles?"""
+    return steps_left * eager_step_s * AUTO_COMPILE_SAVING > AUTO_COMPILE_MARGIN * AUTO_COMPILE_COST_S
+
+
+def compiled(model: CapsNet, compile_mode: str) -> Callable:
+    return torch.compile(model, mode=None if compile_mode in ("default", "auto") else compile_mode)
 
 
 def trained_precision(record: dict) -> str:
@@ -146,9 +169,12 @@ def train(
     when stderr is a terminal; in a log file the output is one line per epoch.
 
     `compile_mode`: a torch.compile mode ("default", "max-autotune", or on CUDA "reduce-overhead" for CUDA graphs)
-    for the training forward (and, through AOTAutograd, its backward); None trains eager. Off by default: on
-    2 CPU threads the first compile (tens of seconds per net) outweighs its gain on a smoke run (see
-    `capsbench bench train`). The checkpoint holds the eager module's weights either way.
+    for the training forward (and, through AOTAutograd, its backward); None trains eager; "auto" (the CLI's
+    default) times the first AUTO_TIMED_STEPS + 1 steps eager and compiles for the rest of this run only when
+    `compile_pays`: on 2 CPU threads a first compile (tens of seconds per net) outweighs its gain on the smoke
+    and depth nets and pays off many times on the quick and sabour ones (see `capsbench bench train`). The
+    decision and its figures are recorded in the metrics ("compile"). The checkpoint holds the eager module's
+    weights either way.
 
     `precision`: "fp32", or "bf16" for autocast over the forward and the loss (fp32 weights and Adam; capsule
     lengths and squash in fp32, see models.layers.full_precision; evaluation in fp32, as the net is exported).
@@ -189,11 +215,13 @@ def train(
     elif model is None:
         model = build_capsnet(cfg.model)
     model = model.to(device)
-    forward = (
-        model
-        if compile_mode is None
-        else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    forward = model if compile_mode in (None, "auto") else compiled(model, compile_mode)
+    decision = (
+        None
+        if compile_mode == "auto"
+        else {"policy": compile_mode or "off", "compiled": forward is not model}
     )
+    step_times: list[float] = []
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
     if state is not None:
@@ -207,6 +235,7 @@ def train(
     # These datasets fit on any device: move them once (uint8) so a step is an index and a float conversion.
     train_x, train_y = splits.train_x.to(device), splits.train_y.to(device)
     t_start = time.perf_counter()
+    steps_left = steps * max(epochs - start_epoch + 1, 0)
     for epoch in range(start_epoch, epochs + 1):
         model.train()
         # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches of an uninterrupted one.
@@ -228,6 +257,7 @@ def train(
         ccm_sum = 0.0
         with ccm_maps or contextlib.nullcontext():
             for step in bar:
+                t_step = time.perf_counter()
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x, y = train_x[idx].float().div_(255.0), train_y[idx]
                 with autocast(device, precision):
@@ -253,6 +283,13 @@ def train(
                 loss_sum += loss.item() * len(idx)
                 correct += int((lengths.argmax(dim=1) == y).sum())
                 seen += len(idx)
+                steps_left -= 1
+                if decision is None:  # auto: decide once the first eager steps are timed
+                    step_times.append(time.perf_counter() - t_step)
+                    if len(step_times) == AUTO_TIMED_STEPS + 1:
+                        decision = auto_compile(step_times[1:], steps_left)
+                        if decision["compiled"]:
+                            forward = compiled(model, compile_mode)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
@@ -294,6 +331,8 @@ def train(
             )
     if not history:
         raise CheckpointError(f"{ckpt_path}: no finished epoch recorded; rerun with --force")
+    if decision is None:
+        decision = {"policy": "auto", "compiled": False, "reason": "too few steps to time"}
     metrics = {
         "config_id": cfg.id,
         "label": cfg.label,
@@ -307,6 +346,7 @@ def train(
         "resumed_from_epoch": resumed_from,
         "precision": precision,
         "compile_mode": compile_mode,
+        "compile": decision,
         "wall_seconds_this_run": time.perf_counter() - t_start,
         "train_seconds_total": sum(h["train_seconds"] for h in history),
         "history": history,
@@ -314,6 +354,19 @@ def train(
     }
     write_json(out_dir / files.metrics, "metrics", metrics)
     return metrics
+
+
+def auto_compile(eager_step_times: list[float], steps_left: int) -> dict:
+    """The auto policy's decision from the timed eager steps, with the figures it was made on."""
+    step_s = statistics.median(eager_step_times)
+    return {
+        "policy": "auto",
+        "compiled": compile_pays(steps_left, step_s),
+        "eager_step_s": step_s,
+        "steps_left": steps_left,
+        "estimated_saving_s": steps_left * step_s * AUTO_COMPILE_SAVING,
+        "compile_cost_s": AUTO_COMPILE_COST_S,
+    }
 
 
 def write_failure(
