@@ -99,7 +99,10 @@ def dynamic_routing(u_hat: torch.Tensor, iters: int) -> tuple[torch.Tensor, torc
     """
     # Routing runs in a (batch, out_caps, in_caps, ...) layout so both sums over capsules are batched matmuls:
     # faster than broadcast multiply-and-sum in torch and ONNX Runtime alike, and never an Einsum node.
-    u = u_hat.transpose(1, 2)  # (batch, out_caps, in_caps, out_dim)
+    # Made contiguous once: each matmul below would otherwise copy the transposed view again (six times in
+    # training with 3 iterations, forward and backward), measured 1.1 x the whole fp32 training step of the
+    # quick and sabour nets and 1.3-1.8 x in bf16, where that strided copy took a third of the step.
+    u = u_hat.transpose(1, 2).contiguous()  # (batch, out_caps, in_caps, out_dim)
     # The logits accumulate agreements over the iterations: in fp32 even when autocast makes u bf16.
     logit_dtype = torch.promote_types(u.dtype, torch.float32)
     b = torch.zeros(u.shape[:3], dtype=logit_dtype, device=u.device)  # (batch, out_caps, in_caps)

@@ -165,3 +165,30 @@ def test_routing_under_bf16_autocast_keeps_fp32_logits_and_finite_gradients_at_v
     assert torch.isfinite(u.grad).all() and torch.isfinite(layer.weight.grad).all()
     v32, _ = dynamic_routing(layer.predictions(u.detach()), 3)
     assert torch.allclose(v, v32, atol=2e-2)
+
+
+def _routing_on_the_transposed_view(u_hat, iters):
+    """dynamic_routing as it was before its predictions were made contiguous: the same maths on a strided view."""
+    u = u_hat.transpose(1, 2)
+    b = torch.zeros(u.shape[:3], dtype=u.dtype)
+    for i in range(iters):
+        c = torch.softmax(b, dim=1)
+        v = squash(torch.matmul(c.unsqueeze(2), u).squeeze(2))
+        if i < iters - 1:
+            b = b + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)
+    return v, c.transpose(1, 2)
+
+
+def test_contiguous_routing_layout_gives_the_same_outputs_and_gradients_as_the_strided_view():
+    torch.manual_seed(0)
+    u_hat = torch.randn(6, 40, 10, 16, requires_grad=True)
+    grads = []
+    outputs = []
+    for routing in (dynamic_routing, _routing_on_the_transposed_view):
+        v, c = routing(u_hat, 3)
+        (g,) = torch.autograd.grad((v * torch.linspace(-1, 1, 16)).sum() + c.pow(2).sum(), u_hat)
+        outputs.append((v, c))
+        grads.append(g)
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-6)
+    assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
