@@ -26,7 +26,7 @@ def register(sub) -> None:
         metavar="MODE",
         help="torch.compile for training. auto (the default): time the first 4 steps eager and compile for the "
         "rest only when the steps left would save at least twice a compile's cost (measured on 2 CPU threads: "
-        "a compiled step takes 0.6-0.85 x an eager one on the quick and sabour nets, a first compile 16-40 s: "
+        "a compiled step takes 0.65-1.0 x an eager one on the quick and sabour nets, a first compile 16-40 s: "
         "there the quick and sabour grids compile, the smoke and depth grids train eager); the decision is "
         "recorded in metrics.json. off: eager. --compile alone or MODE default, max-autotune, or on CUDA "
         "reduce-overhead (CUDA graphs, untested here): always compile",
