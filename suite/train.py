@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,47 @@ from capsbench.suite.rundir import (
 
 __all__ = ["CheckpointError", "load_model", "model_from_state", "read_checkpoint", "is_trained"]
 EVAL_BATCH = 500
+# Training precision: fp32, or bf16 autocast over forward and loss (weights, optimizer and evaluation stay fp32).
+PRECISIONS = ("fp32", "bf16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The mixed-precision context of a training forward and loss: autocast for bf16, nothing for fp32."""
+    if precision not in PRECISIONS:
+        from capsbench.suite.errors import ConfigError
+
+        raise ConfigError(f"unknown training precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+# torch.compile's "auto" policy (the default of `capsbench train`): time the run's first eager steps, then compile
+# for the rest when the steps left at that step time would save clearly more than a compile costs. Measured
+# with `capsbench bench train` on 2 CPU threads (README, "Training speed"): a compiled step took 0.65-0.75 x the
+# eager one on the quick net, 0.9-1.0 x on sabour's (whose eager step lost its routing copies); a first compile
+# took 16 s (sabour) to 40 s (quick), 2-3 s when inductor's on-disk cache already holds the graph. Where the
+# saving is small the nets are big and the runs long, so the bounded cost of a wrong "compile" is one compile.
+AUTO_COMPILE_SAVING = 0.15  # share of an eager step's time that compile saves
+AUTO_COMPILE_COST_S = 60.0  # seconds of a first compile, at most
+AUTO_COMPILE_MARGIN = 2.0  # compile only when the estimated saving is this many compile costs
+AUTO_TIMED_STEPS = 3  # eager steps timed after the first one (which warms the allocator)
+COMPILE_MODES = ("auto", "default", "max-autotune", "reduce-overhead")
+
+
+def compile_pays(steps_left: int, eager_step_s: float) -> bool:
+    """The auto policy's rule: do `steps_left` steps of `eager_step_s` save AUTO_COMPILE_MARGIN compiles?"""
+    return steps_left * eager_step_s * AUTO_COMPILE_SAVING > AUTO_COMPILE_MARGIN * AUTO_COMPILE_COST_S
+
+
+def compiled(model: CapsNet, compile_mode: str) -> Callable:
+    return torch.compile(model, mode=None if compile_mode in ("default", "auto") else compile_mode)
+
+
+def trained_precision(record: dict) -> str:
+    """The precision a metrics file or checkpoint was trained in (files from before the option: fp32)."""
+    return record.get("precision", "fp32")
 
 
 @dataclass(frozen=True)
@@ -117,6 +160,7 @@ def train(
     files: StageFiles = TRAIN_FILES,
     label: str = "train",
     compile_mode: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Train (or resume, or skip when finished) one config; returns the metrics written to `files.metrics`.
 
@@ -126,19 +170,35 @@ def train(
     when stderr is a terminal; in a log file the output is one line per epoch.
 
     `compile_mode`: a torch.compile mode ("default", "max-autotune", or on CUDA "reduce-overhead" for CUDA graphs)
-    for the training forward (and, through AOTAutograd, its backward); None trains eager. Off by default: on
-    2 CPU threads the first compile (tens of seconds per net) outweighs its gain on a smoke run (see
-    `capsbench bench train`). The checkpoint holds the eager module's weights either way.
+    for the training forward (and, through AOTAutograd, its backward); None trains eager; "auto" (the CLI's
+    default) times the first AUTO_TIMED_STEPS + 1 steps eager and compiles for the rest of this run only when
+    `compile_pays`: on 2 CPU threads a first compile (tens of seconds per net) outweighs its gain on the smoke
+    and depth nets and pays off many times on the quick and sabour ones (see `capsbench bench train`). The
+    decision and its figures are recorded in the metrics ("compile"). The checkpoint holds the eager module's
+    weights either way.
+
+    `precision`: "fp32", or "bf16" for autocast over the forward and the loss (fp32 weights and Adam; capsule
+    lengths and squash in fp32, see models.layers.full_precision; evaluation in fp32, as the net is exported).
+    It is recorded in the checkpoint and metrics: a finished or half-done training of the other precision is
+    not reused but trained again from scratch.
     """
     out_dir = Path(out_dir)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     epochs = cfg.epochs if epochs is None else epochs
     ckpt_path = out_dir / files.checkpoint
+    autocast(device, precision)  # an unknown precision fails here, before anything is removed or written
+    if not force and is_trained(out_dir, files.metrics, files.checkpoint):
+        done = read_result(out_dir / files.metrics, "metrics")
+        if trained_precision(done) == precision:
+            return done
+        force = True  # a finished training of the other precision: train again, as with --force
+        if progress:
+            tqdm.write(
+                f"  {label} {cfg.id}: trained in {trained_precision(done)}, {precision} asked: training again"
+            )
     if force:
         for name in (files.checkpoint, files.metrics):
             (out_dir / name).unlink(missing_ok=True)
-    elif is_trained(out_dir, files.metrics, files.checkpoint):
-        return read_result(out_dir / files.metrics, "metrics")
     write_json(
         out_dir / CONFIG_FILE, "config", {"config_id": cfg.id, "label": cfg.label, "config": cfg.to_dict()}
     )
@@ -149,16 +209,20 @@ def train(
     history: list[dict] = []
     start_epoch, resumed_from = 1, None
     state = read_checkpoint(cfg, ckpt_path) if ckpt_path.exists() else None
+    if state is not None and trained_precision(state) != precision:
+        state = None  # never resume one precision's run in another: start afresh, overwriting it
     if state is not None:
         model = model_from_state(state, cfg.model)
     elif model is None:
         model = build_capsnet(cfg.model)
     model = model.to(device)
-    forward = (
-        model
-        if compile_mode is None
-        else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    forward = model if compile_mode in (None, "auto") else compiled(model, compile_mode)
+    decision = (
+        None
+        if compile_mode == "auto"
+        else {"policy": compile_mode or "off", "compiled": forward is not model}
     )
+    step_times: list[float] = []
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
     if state is not None:
@@ -172,6 +236,7 @@ def train(
     # These datasets fit on any device: move them once (uint8) so a step is an index and a float conversion.
     train_x, train_y = splits.train_x.to(device), splits.train_y.to(device)
     t_start = time.perf_counter()
+    steps_left = steps * max(epochs - start_epoch + 1, 0)
     for epoch in range(start_epoch, epochs + 1):
         model.train()
         # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches of an uninterrupted one.
@@ -193,17 +258,19 @@ def train(
         ccm_sum = 0.0
         with ccm_maps or contextlib.nullcontext():
             for step in bar:
+                t_step = time.perf_counter()
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x, y = train_x[idx].float().div_(255.0), train_y[idx]
-                v = forward(x)
-                lengths = CapsNet.lengths(v)
-                loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
-                if model.decoder is not None:
-                    loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
-                if ccm_maps is not None:
-                    ccm = ccm_loss(list(ccm_maps.maps.values()), detach=cfg.ccm_detach)
-                    loss = loss - cfg.ccm_weight * ccm
-                    ccm_sum += ccm.item() * len(idx)
+                with autocast(device, precision):
+                    v = forward(x)
+                    lengths = CapsNet.lengths(v)
+                    loss = margin_loss(lengths, y, cfg.m_pos, cfg.m_neg, cfg.lam)
+                    if model.decoder is not None:
+                        loss = loss + cfg.recon_weight * reconstruction_loss(model.decoder(v, y), x)
+                    if ccm_maps is not None:
+                        ccm = ccm_loss(list(ccm_maps.maps.values()), detach=cfg.ccm_detach)
+                        loss = loss - cfg.ccm_weight * ccm
+                        ccm_sum += ccm.item() * len(idx)
                 if not torch.isfinite(loss):
                     raise DivergenceError(
                         f"config {cfg.id}: loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
@@ -217,6 +284,13 @@ def train(
                 loss_sum += loss.item() * len(idx)
                 correct += int((lengths.argmax(dim=1) == y).sum())
                 seen += len(idx)
+                steps_left -= 1
+                if decision is None:  # auto: decide once the first eager steps are timed
+                    step_times.append(time.perf_counter() - t_step)
+                    if len(step_times) == AUTO_TIMED_STEPS + 1:
+                        decision = auto_compile(step_times[1:], steps_left)
+                        if decision["compiled"]:
+                            forward = compiled(model, compile_mode)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
@@ -243,6 +317,8 @@ def train(
                 "config": cfg.to_dict(),
                 "model_config": model.cfg.to_dict(),
                 "epoch": epoch,
+                "precision": precision,
+                "compile_mode": compile_mode,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -256,6 +332,8 @@ def train(
             )
     if not history:
         raise CheckpointError(f"{ckpt_path}: no finished epoch recorded; rerun with --force")
+    if decision is None:
+        decision = {"policy": "auto", "compiled": False, "reason": "too few steps to time"}
     metrics = {
         "config_id": cfg.id,
         "label": cfg.label,
@@ -267,6 +345,9 @@ def train(
         "eval_images": len(splits.test_x),
         "parameters": model.num_parameters(),
         "resumed_from_epoch": resumed_from,
+        "precision": precision,
+        "compile_mode": compile_mode,
+        "compile": decision,
         "wall_seconds_this_run": time.perf_counter() - t_start,
         "train_seconds_total": sum(h["train_seconds"] for h in history),
         "history": history,
@@ -274,6 +355,19 @@ def train(
     }
     write_json(out_dir / files.metrics, "metrics", metrics)
     return metrics
+
+
+def auto_compile(eager_step_times: list[float], steps_left: int) -> dict:
+    """The auto policy's decision from the timed eager steps, with the figures it was made on."""
+    step_s = statistics.median(eager_step_times)
+    return {
+        "policy": "auto",
+        "compiled": compile_pays(steps_left, step_s),
+        "eager_step_s": step_s,
+        "steps_left": steps_left,
+        "estimated_saving_s": steps_left * step_s * AUTO_COMPILE_SAVING,
+        "compile_cost_s": AUTO_COMPILE_COST_S,
+    }
 
 
 def write_failure(

@@ -51,7 +51,10 @@ class Settings:
     health_output: str | None = None  # None: health.json, measured when older than the checkpoint
     baseline: Path | None = None  # the report's baseline run folder
     device: str | None = None
-    compile_mode: str | None = None  # train: a torch.compile mode for the training forward; None = eager
+    # train: a torch.compile mode for the training forward; None = eager; "auto": compile when it pays
+    # (suite/train.py: compile_pays)
+    compile_mode: str | None = "auto"
+    precision: str = "fp32"  # train: "fp32" or "bf16" (autocast); recorded in metrics.json, part of "done"
     force: bool = False
     progress: bool = True
     keep_intermediate: bool = False  # keep surgery.pt and finetune.pt after their stage is done

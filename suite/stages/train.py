@@ -45,6 +45,7 @@ def run(ctx: Context) -> dict:
             force=ctx.settings.force,
             progress=ctx.settings.progress,
             compile_mode=ctx.settings.compile_mode,
+            precision=ctx.settings.precision,
         )
     except DivergenceError as e:
         training.write_failure(ctx.out, ctx.cfg, "diverged", str(e))
@@ -52,7 +53,11 @@ def run(ctx: Context) -> dict:
 
 
 def done(ctx: Context) -> bool:
-    return not ctx.settings.force and rundir.is_trained(ctx.out)
+    """Trained, and in the precision asked for: a bf16 training is not the fp32 one (nor the reverse)."""
+    if ctx.settings.force or not rundir.is_trained(ctx.out):
+        return False
+    metrics = rundir.read_if_valid(ctx.out / rundir.METRICS_FILE, "metrics") or {}
+    return training.trained_precision(metrics) == ctx.settings.precision
 
 
 STAGE = Stage(

@@ -135,3 +135,60 @@ def test_decoder_reconstructs_image_shape_from_masked_capsules():
     v = net(torch.rand(2, 1, 28, 28))
     assert net.decoder(v, torch.tensor([1, 2])).shape == (2, 1, 28, 28)
     assert net.decoder(v).shape == (2, 1, 28, 28)
+
+
+def test_squash_and_lengths_of_bf16_capsules_are_computed_in_fp32():
+    # Under bf16 autocast the matmuls hand squash bf16 capsules; squashing in bf16 would keep 8 significant bits.
+    s = torch.randn(4, 10, 16) * 3
+    s16 = s.bfloat16()
+    v = squash(s16)
+    assert v.dtype == torch.float32 and torch.equal(v, squash(s16.float()))
+    lengths = CapsNet.lengths(s16)
+    assert lengths.dtype == torch.float32 and torch.equal(lengths, CapsNet.lengths(s16.float()))
+    # An fp32 capsule passes through untouched: no cast, so the fp32 net (and its ONNX graph) is unchanged.
+    assert squash(s).dtype == torch.float32 and squash(s.double()).dtype == torch.float64
+
+
+def test_routing_under_bf16_autocast_keeps_fp32_logits_and_finite_gradients_at_vanished_capsules():
+    torch.manual_seed(0)
+    layer = CapsLayer(in_caps=32, in_dim=8, out_caps=10, out_dim=16)
+    u = torch.randn(4, 32, 8)
+    u[0] = 0  # one image whose capsules all vanished: the safe norms must not turn its gradient into NaN
+    u.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u_hat = layer.predictions(u)
+        v, c = dynamic_routing(u_hat, 3)
+        loss = CapsNet.lengths(v).sum()
+    assert u_hat.dtype == torch.bfloat16  # autocast did reach the matmuls
+    assert v.dtype == c.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(u.grad).all() and torch.isfinite(layer.weight.grad).all()
+    v32, _ = dynamic_routing(layer.predictions(u.detach()), 3)
+    assert torch.allclose(v, v32, atol=2e-2)
+
+
+def _routing_on_the_transposed_view(u_hat, iters):
+    """dynamic_routing as it was before its predictions were made contiguous: the same maths on a strided view."""
+    u = u_hat.transpose(1, 2)
+    b = torch.zeros(u.shape[:3], dtype=u.dtype)
+    for i in range(iters):
+        c = torch.softmax(b, dim=1)
+        v = squash(torch.matmul(c.unsqueeze(2), u).squeeze(2))
+        if i < iters - 1:
+            b = b + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)
+    return v, c.transpose(1, 2)
+
+
+def test_contiguous_routing_layout_gives_the_same_outputs_and_gradients_as_the_strided_view():
+    torch.manual_seed(0)
+    u_hat = torch.randn(6, 40, 10, 16, requires_grad=True)
+    grads = []
+    outputs = []
+    for routing in (dynamic_routing, _routing_on_the_transposed_view):
+        v, c = routing(u_hat, 3)
+        (g,) = torch.autograd.grad((v * torch.linspace(-1, 1, 16)).sum() + c.pow(2).sum(), u_hat)
+        outputs.append((v, c))
+        grads.append(g)
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-6)
+    assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -64,3 +64,17 @@ def test_compiled_step_trains_like_the_eager_one(fashion_data_dir):
     }
     assert rows["compiled"]["status"] == "ok", rows["compiled"].get("error")
     assert rows["compiled"]["final_loss"] == pytest.approx(rows["eager"]["final_loss"], rel=1e-3)
+
+
+def test_a_channels_last_step_trains_like_the_contiguous_one(fashion_data_dir):
+    cfg = next(c for c in SMOKE if c.model.depth == 0).replace(batch_size=32)
+    x, y = trainbench.preloaded_batch(cfg, torch.device("cpu"), fashion_data_dir)
+    rows = [
+        trainbench.bench_config(
+            cfg, x, y, backend="eager", device=torch.device("cpu"), warmup=1, steps=2, channels_last=cl
+        )
+        for cl in (False, True)
+    ]
+    assert [r["memory_format"] for r in rows] == ["contiguous", "channels_last"]
+    assert rows[1]["status"] == "ok", rows[1].get("error")
+    assert rows[1]["final_loss"] == pytest.approx(rows[0]["final_loss"], rel=1e-4)
