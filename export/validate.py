@@ -107,7 +107,22 @@ def io_spec(model: ModelProto) -> dict[str, list[dict[str, Any]]]:
 
 # ------------------------------------------------------------------------------------------------- FLOPs
 
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sqrt", "Relu", "Pow", "Neg", "Exp", "Sigmoid", "Reciprocal", "Clip", "Max", "Min"}
+_ELEMENTWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sqrt",
+    "Relu",
+    "Pow",
+    "Neg",
+    "Exp",
+    "Sigmoid",
+    "Reciprocal",
+    "Clip",
+    "Max",
+    "Min",
+}
 _REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare"}
 
 
