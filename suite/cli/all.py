@@ -106,6 +106,7 @@ def register(sub) -> None:
         action="store_true",
         help="keep surgery.pt and finetune.pt after pruning (removed by default: a third of a run folder)",
     )
+    options.add_training(p, compile_flag="--train-compile")
     p.add_argument("--force", action="store_true", help="redo finished stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -166,7 +167,11 @@ def run(args) -> int:
 
         args.batch_sizes = list(preset.time_batch_sizes or DEFAULT_BATCH_SIZES)
     settings = options.stage_settings(
-        args, prune=prune, time=options.time_settings(args), baseline=args.baseline
+        args,
+        prune=prune,
+        time=options.time_settings(args),
+        baseline=args.baseline,
+        **options.training_settings(args),
     )
     out = options.run_dir(args)
     timed = preset.timed_configs if args.timed_configs is None else args.timed_configs

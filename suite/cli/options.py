@@ -111,6 +111,44 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=None, help="override the preset's seed")
 
 
+def add_training(p: argparse.ArgumentParser, compile_flag: str = "--compile") -> None:
+    """How configs are trained: torch.compile policy and precision (`train`; `all`, where `--compile` is the
+    timing's torch.compile backend, names the first `--train-compile`)."""
+    from capsbench.suite.train import COMPILE_MODES, PRECISIONS
+
+    p.add_argument(
+        compile_flag,
+        dest="train_compile",
+        nargs="?",
+        const="default",
+        default="auto",
+        choices=("off", *COMPILE_MODES),
+        metavar="MODE",
+        help="torch.compile for training. auto (the default): time the first 4 steps eager and compile for the "
+        "rest only when the steps left would save at least twice a compile's cost (measured on 2 CPU threads: "
+        "a compiled step takes 0.65-1.0 x an eager one on the quick and sabour nets, a first compile 16-40 s: "
+        "there the quick and sabour grids compile, the smoke and depth grids train eager); the decision is "
+        "recorded in metrics.json. off: eager. The flag alone or MODE default, max-autotune, or on CUDA "
+        "reduce-overhead (CUDA graphs, untested here): always compile",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: autocast the forward and the loss to bfloat16 (weights, Adam, squash, capsule lengths and "
+        "evaluation stay fp32). Recorded in metrics.json: a config trained in the other precision is trained "
+        "again (default: %(default)s)",
+    )
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    """The runner settings' training parts from `add_training`'s options."""
+    return {
+        "compile_mode": None if args.train_compile == "off" else args.train_compile,
+        "precision": args.precision,
+    }
+
+
 def add_timing(p: argparse.ArgumentParser) -> None:
     """The timing harness's options (`time`, and `all` for its time and cpp stages)."""
     from capsbench.export.latency import DEFAULT_BATCH_SIZES

@@ -87,3 +87,14 @@ def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_d
     assert [r["precision"] for r in rows] == ["fp32", "bf16"]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[0]["final_loss"] != rows[1]["final_loss"]
+
+
+def test_all_trains_in_the_precision_and_compile_policy_it_is_given(tmp_path, fashion_data_dir, capsys):
+    first = next(c for c in get_preset("smoke").configs() if c.model.depth == 0).id
+    args = ["all", "--preset", "smoke", "--configs", first, "--only", "train", "--runs-dir", str(tmp_path)]
+    args += ["--epochs", "1", "--train-subset", "256", "--eval-subset", "200", "--no-progress"]
+    args += ["--data-dir", str(fashion_data_dir)]
+    assert main([*args, "--precision", "bf16", "--train-compile", "off"]) == 0
+    (folder,) = [d for d in (tmp_path / "smoke").iterdir() if (d / rundir.METRICS_FILE).is_file()]
+    metrics = rundir.read_result(folder / rundir.METRICS_FILE, "metrics")
+    assert metrics["precision"] == "bf16" and metrics["compile"] == {"policy": "off", "compiled": False}
