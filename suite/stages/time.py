@@ -114,13 +114,11 @@ def time_config(
     rows = harness.pool_rounds([r["rows"] for r in rounds])
     probe = machine_probe(rounds)
     if probe["drift"] > MAX_PROBE_DRIFT:
-        why = (
+        _mark_unstable(
+            rows,
             f"the machine's speed changed while timing: the fp32 GEMM probe's fastest call varied "
-            f"{probe['drift']:.2f}x > {MAX_PROBE_DRIFT}x between rounds"
+            f"{probe['drift']:.2f}x > {MAX_PROBE_DRIFT}x between rounds",
         )
-        for row in rows:
-            if row.get("status") == "ok" and row.get("stable", True):
-                row.update(stable=False, unstable_reason=why)
     devices = first["torch_device"]
     for device in dict.fromkeys(devices.values()):
         gemm_cache.setdefault(device, _pool_gemm([r["gemm"][device] for r in rounds]))
@@ -234,6 +232,14 @@ def machine_probe(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _mark_unstable(rows: list[dict[str, Any]], why: str) -> None:
+    """Mark every timed row still counted stable as unstable, for `why` (a cause the rows' own spread cannot
+    show: the machine's speed or other work during the whole round or run)."""
+    for row in rows:
+        if row.get("status") == "ok" and row.get("stable", True):
+            row.update(stable=False, unstable_reason=why)
+
+
 def _round_contention(rows: list[dict[str, Any]]) -> str | None:
     """Why a whole round is set aside: other processes' CPU time over all its timed windows (each batch size's
     turns; rows of one batch size share theirs) above harness.MAX_OTHER_CORES, else None."""
@@ -298,9 +304,7 @@ def _time_round(
     probes.append(harness.gemm_gflops(device=probe_device))
     contention = _round_contention(rows)
     if contention is not None:
-        for row in rows:
-            if row.get("status") == "ok" and row.get("stable", True):
-                row.update(stable=False, unstable_reason=contention)
+        _mark_unstable(rows, contention)
     return {
         "contention": contention,
         "probes": probes,
