@@ -86,11 +86,14 @@ class Preset:
     # re-initialise the capsule layers, retrain (the paper's code).
     procedure: str = "finetune"
     capsule_criterion: str = "chip"  # how intermediate capsules are chosen (models.pruning.CAPSULE_CRITERIA)
-    controls: tuple[str, ...] = ()  # run beside every pruning pair (see CONTROLS and README)
+    controls: tuple[
+        str, ...
+    ] = ()  # run beside every pruning pair (see CONTROLS and docs/presets-and-pruning.md)
     timed_configs: int | None = None  # export and time only the first N configs (None: all)
-    time_batch_sizes: tuple[int, ...] | None = (
-        None  # `all`'s batch sizes unless --batch-sizes (None: the harness's)
-    )
+    # The timing budget (`time` and `all` unless --batch-sizes / --min-rounds): batch sizes (None: the
+    # harness's) and the clean rounds that may stop the time stage early when they agree (None: all rounds).
+    time_batch_sizes: tuple[int, ...] | None = None
+    time_min_rounds: int | None = None
 
     def configs(self, seeds: int | None = None) -> list[RunConfig]:
         seeds = self.seeds if seeds is None else seeds
@@ -135,6 +138,7 @@ def capsule_grid(base: RunConfig, num_caps: list[int], dims: list[int], depths: 
     "a few minutes on 2 CPU cores; used by the tests and CI",
     prune_pairs=((0.25, 0.25),),
     finetune_epochs=1,
+    time_min_rounds=2,  # the first run's timing budget: two rounds when they agree, three when not
 )
 def _smoke() -> list[RunConfig]:
     base = RunConfig(
@@ -202,7 +206,7 @@ def _quick() -> list[RunConfig]:
     "paper",
     "the full grid: {8, 16, 32} capsules x {4, 8, 12, 16, 32} dims x 0-5 intermediate layers, authors' init "
     "and procedure, 30 epochs on full Fashion-MNIST, 3 seeds, pruning pairs with the three controls (GPU; "
-    "the schedule is assumed, see README)",
+    "the schedule is assumed, see docs/models.md)",
     prune_pairs=((0.25, 0.25), (0.5, 0.5), (0.75, 0.75)),
     finetune_epochs=5,
     seeds=3,

@@ -94,7 +94,6 @@ def register(sub) -> None:
         help="export and time only the first N configs (default: the preset's; 0: all)",
     )
     options.add_timing(p)
-    p.set_defaults(batch_sizes=None)  # unless given: the preset's timing batch sizes, else the harness's
     p.add_argument(
         "--baseline",
         type=Path,
@@ -162,10 +161,6 @@ def run(args) -> int:
         procedure=args.procedure or preset.procedure,
         controls=tuple(preset.controls if args.controls is None else args.controls),
     )
-    if args.batch_sizes is None:
-        from capsbench.export.latency import DEFAULT_BATCH_SIZES
-
-        args.batch_sizes = list(preset.time_batch_sizes or DEFAULT_BATCH_SIZES)
     settings = options.stage_settings(
         args,
         prune=prune,

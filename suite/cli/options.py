@@ -159,9 +159,9 @@ def add_timing(p: argparse.ArgumentParser) -> None:
         "--batch-sizes",
         type=positive_int,
         nargs="+",
-        default=list(DEFAULT_BATCH_SIZES),
+        default=None,
         metavar="N",
-        help="batch sizes to time (default: %(default)s)",
+        help=f"batch sizes to time (default: the preset's, else {' '.join(map(str, DEFAULT_BATCH_SIZES))})",
     )
     p.add_argument(
         "--iters",
@@ -188,6 +188,14 @@ def add_timing(p: argparse.ArgumentParser) -> None:
         default=TimeSettings.rounds,
         help="time the whole sweep this many times, each in a fresh process, so 'capsbench check' sees the "
         "spread between processes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-rounds",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N (at least 2) clean rounds when every measurement was stable in each and its median "
+        "moved by at most 10%% between them (default: the preset's; smoke: 2, the others: all --rounds)",
     )
     p.add_argument(
         "--threads",
@@ -244,9 +252,16 @@ def time_settings(args: argparse.Namespace):
     """The timing settings of `time` and `all` from their options; an option a command lacks keeps the default."""
     import dataclasses
 
+    from capsbench.export.latency import DEFAULT_BATCH_SIZES
     from capsbench.suite.stages.time import TimeSettings
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TimeSettings) if hasattr(args, f.name)}
+    # What the command line leaves open comes from the preset (its timing budget), then the harness.
+    preset = get_preset(args.preset) if getattr(args, "preset", None) else None
+    if given.get("batch_sizes") is None:
+        given["batch_sizes"] = (preset and preset.time_batch_sizes) or DEFAULT_BATCH_SIZES
+    if given.get("min_rounds") is None and preset is not None:
+        given["min_rounds"] = preset.time_min_rounds
     given["batch_sizes"] = tuple(given["batch_sizes"])
     return TimeSettings(**given)
 

@@ -24,7 +24,13 @@ from capsbench.suite.errors import CheckpointError, StageError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.rundir import LATENCY_CPP_FILE, exported_variants, sha256, write_json
 from capsbench.suite.stages.base import Context, Stage
-from capsbench.suite.stages.time import TimeSettings, finished_latency, verified_onnx
+from capsbench.suite.stages.time import (
+    TimeSettings,
+    finished_latency,
+    least_rounds,
+    rounds_agree,
+    verified_onnx,
+)
 
 
 def _length_error(out: np.ndarray, ref: np.ndarray) -> float:
@@ -62,6 +68,8 @@ def time_config_cpp(
             output = Path(tmp) / "outputs.cbt"
             # Each round is a fresh runner process, as the Python time stage's rounds are (issue 14).
             for _ in range(max(settings.rounds, 1)):
+                if len(rounds) >= least_rounds(settings) and rounds_agree([{"rows": r} for r in rounds]):
+                    break  # --min-rounds: the rounds so far agree
                 try:
                     result = run_runner(
                         binary,
@@ -110,7 +118,7 @@ def time_config_cpp(
         "runner": runner_info,
         "parity": parity,
         "stability_rule": STABILITY_RULE,
-        "rounds": max(settings.rounds, 1),
+        "rounds": max(r.get("rounds", 1) for r in rows) if rows else 0,
         "rows": rows,
     }
     write_json(out / LATENCY_CPP_FILE, "latency", res)

@@ -46,6 +46,8 @@ class TimeSettings:
     compile: bool = False
     max_seconds: float | None = 10.0  # per backend and batch size, after at least 5 timed runs
     rounds: int = 3  # the whole sweep, each time in a fresh process (iters timed calls per round)
+    # Stop after this many clean rounds when they agree (see `rounds_agree`); None: always `rounds`.
+    min_rounds: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
@@ -140,6 +142,8 @@ def time_config(
         "environment": {**environment(torch.device("cpu")), **runtime_environment()},
         "stability_rule": harness.STABILITY_RULE,
         "rounds": len(rounds),
+        # fewer than settings.rounds: the first min_rounds clean rounds agreed (rounds_agree), so none more ran
+        "rounds_agreed_early": len(rounds) < max(settings.rounds, 1),
         "rounds_set_aside": set_aside,
         "machine_probe": probe,
         **(
@@ -184,17 +188,51 @@ def _timed_rounds(
             progress(f"{cfg.id}: round {n} timed beside other work: {r['contention']}")
         return r
 
-    return clean_rounds(one_round, max(settings.rounds, 1))
+    least = least_rounds(settings)
+    return clean_rounds(
+        one_round, max(settings.rounds, 1), enough=lambda clean: len(clean) >= least and rounds_agree(clean)
+    )
+
+
+def least_rounds(settings: TimeSettings) -> int:
+    """The rounds after which timing may stop when they agree: --min-rounds (never fewer than 2: one round
+    cannot agree with itself, nor show the spread between processes), else all of them."""
+    wanted = max(settings.rounds, 1)
+    return wanted if settings.min_rounds is None else min(max(settings.min_rounds, 2), wanted)
+
+
+# Rounds agree when every measurement's median moved by at most this factor between them (and every one was
+# stable in each): then the spread between processes that further rounds would sample is already small next to
+# `capsbench check`'s 20 % tolerance, and `--min-rounds` may stop there.
+ROUNDS_AGREE = 1.10
+
+
+def rounds_agree(rounds: list[dict[str, Any]], within: float = ROUNDS_AGREE) -> bool:
+    """Whether clean rounds (each `_time_round`'s result) agree: every row ok and stable in every round, each
+    row's p50 within `within` between its fastest and slowest round, and so ORT's speedup over eager too."""
+    p50s: dict[tuple, list[float]] = {}
+    for r in rounds:
+        for row in r["rows"]:
+            if row.get("status") != "ok" or not row.get("stable", False):
+                return False
+            p50s.setdefault((row.get("variant"), row["backend"], row["batch"]), []).append(row["p50_ms"])
+    return bool(p50s) and all(
+        len(v) == len(rounds) and min(v) > 0 and max(v) / min(v) <= within for v in p50s.values()
+    )
 
 
 def clean_rounds(
-    one_round: Callable[[int, int], dict[str, Any]], wanted: int, extra: int = EXTRA_ROUNDS
+    one_round: Callable[[int, int], dict[str, Any]],
+    wanted: int,
+    extra: int = EXTRA_ROUNDS,
+    enough: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """`wanted` rounds from `one_round(number, clean so far)`. A round during which other processes took more
-    than harness.MAX_OTHER_CORES of the CPU (its `contention`, a reason) is set aside and another is timed, at
-    most `extra` more, and none once most of the rounds so far were contended (the other work is not passing:
-    waiting longer would not help). Returns (the rounds to pool, the reasons of those set aside). If too few
-    clean rounds came, the contended ones are pooled too, their rows marked unstable: nothing is set aside."""
+    """`wanted` rounds from `one_round(number, clean so far)`, or fewer once `enough(clean rounds)` says so. A
+    round during which other processes took more than harness.MAX_OTHER_CORES of the CPU (its `contention`, a
+    reason) is set aside and another is timed, at most `extra` more, and none once most of the rounds so far
+    were contended (the other work is not passing: waiting longer would not help). Returns (the rounds to
+    pool, the reasons of those set aside). If too few clean rounds came, the contended ones are pooled too,
+    their rows marked unstable: nothing is set aside."""
     clean: list[dict[str, Any]] = []
     contended: list[dict[str, Any]] = []
     while len(clean) < wanted and len(clean) + len(contended) < wanted + extra:
@@ -202,6 +240,8 @@ def clean_rounds(
             break
         r = one_round(len(clean) + len(contended) + 1, len(clean))
         (clean if r["contention"] is None else contended).append(r)
+        if r["contention"] is None and enough is not None and enough(clean):
+            return clean, [c["contention"] for c in contended]
     if len(clean) >= wanted:
         return clean, [r["contention"] for r in contended]
     return clean + contended, []

@@ -12,7 +12,7 @@ from capsbench.export.latency import MAX_OTHER_CORES
 from capsbench.export.sessions import default_threads
 from capsbench.reports.compare import compare_runs
 from capsbench.suite.cli import main
-from capsbench.suite.stages.time import MAX_PROBE_DRIFT, clean_rounds, machine_probe
+from capsbench.suite.stages.time import MAX_PROBE_DRIFT, clean_rounds, machine_probe, rounds_agree
 
 
 def _scripted_rounds(contentions):
@@ -98,3 +98,69 @@ def test_timing_beside_a_busy_cpu_is_unstable_and_check_does_not_call_it_a_regre
         assert result["regressions"] == []
         statuses = {ch["status"] for ch in result["checks"] if "noise" in ch}
         assert statuses and statuses <= {"unstable", "disturbed"}
+
+
+# ------------------------------------------------------------------ --min-rounds: stop when the rounds agree
+
+
+def _agreeing_round(p50s, stable=True, contention=None):
+    rows = [
+        {"variant": "model", "backend": b, "batch": 1, "status": "ok", "p50_ms": ms, "stable": stable}
+        for b, ms in zip(("ort_cpu", "torch_eager"), p50s, strict=True)
+    ]
+    return {"rows": rows, "contention": contention}
+
+
+def test_rounds_agree_only_when_every_measurement_is_stable_and_within_ten_percent():
+    assert rounds_agree([_agreeing_round((1.0, 3.0)), _agreeing_round((1.09, 2.9))])
+    assert not rounds_agree([_agreeing_round((1.0, 3.0)), _agreeing_round((1.2, 3.0))])  # ORT moved 20 %
+    assert not rounds_agree([_agreeing_round((1.0, 3.0)), _agreeing_round((1.0, 3.0), stable=False)])
+    failed = _agreeing_round((1.0, 3.0))
+    failed["rows"][1] = {"variant": "model", "backend": "torch_eager", "batch": 1, "status": "error"}
+    assert not rounds_agree([_agreeing_round((1.0, 3.0)), failed])
+
+
+def test_min_rounds_stops_at_two_clean_rounds_that_agree_and_goes_on_when_they_do_not():
+    def scripted(rounds):
+        calls = []
+
+        def one_round(n, clean):
+            calls.append(n)
+            return rounds[n - 1]
+
+        return one_round, calls
+
+    def enough(clean):
+        return len(clean) >= 2 and rounds_agree(clean)
+
+    one_round, calls = scripted([_agreeing_round((1.0, 3.0)), _agreeing_round((1.05, 3.1))])
+    rounds, _ = clean_rounds(one_round, wanted=3, enough=enough)
+    assert calls == [1, 2] and len(rounds) == 2
+    # the second disagrees: the third round runs, and the run has its full rounds
+    one_round, calls = scripted(
+        [_agreeing_round((1.0, 3.0)), _agreeing_round((1.5, 3.0)), _agreeing_round((1.0, 3.0))]
+    )
+    rounds, _ = clean_rounds(one_round, wanted=3, enough=enough)
+    assert calls == [1, 2, 3] and len(rounds) == 3
+    # a contended round never counts towards agreement: it is set aside and another clean one is timed
+    busy = _agreeing_round((1.0, 3.0), contention="other processes used 1.00 cores")
+    one_round, calls = scripted([_agreeing_round((1.0, 3.0)), busy, _agreeing_round((1.0, 3.0))])
+    rounds, set_aside = clean_rounds(one_round, wanted=3, enough=enough)
+    assert calls == [1, 2, 3] and len(rounds) == 2 and set_aside == [busy["contention"]]
+
+
+def test_the_smoke_preset_stops_timing_at_two_agreeing_rounds_and_the_others_time_every_round():
+    from capsbench.suite.cli import build_parser
+    from capsbench.suite.cli.options import time_settings
+
+    parser = build_parser()
+    smoke = time_settings(parser.parse_args(["time", "--preset", "smoke"]))
+    assert smoke.min_rounds == 2 and smoke.rounds == 3
+    for name in ("depth", "quick", "paper"):
+        assert time_settings(parser.parse_args(["time", "--preset", name])).min_rounds is None
+    depth = time_settings(parser.parse_args(["all", "--preset", "depth"]))
+    assert depth.batch_sizes == (1, 32)  # the preset's batch sizes, for `time` as for `all`
+    given = time_settings(
+        parser.parse_args(["all", "--preset", "smoke", "--min-rounds", "3", "--batch-sizes", "4"])
+    )
+    assert given.min_rounds == 3 and given.batch_sizes == (4,)
