@@ -514,6 +514,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set extensions that decide this CPU's fp32 and bf16 speed (what the machine-speed notes cite).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@lru_cache(maxsize=1)
+def cpu_isa() -> list[str]:
+    """Which of ISA_FLAGS this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine_line(threads: int | None = None) -> str:
+    """One line for logs: CPU, its ISA extensions, and its fp32 GEMM rate measured now (about 2 s)."""
+    old = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        g = gemm_gflops()
+    finally:
+        torch.set_num_threads(old)
+    flags = ", ".join(cpu_isa()) or "unknown"
+    spread = f"IQR/median {g['iqr_rel']:.2f}" + ("" if g["stable"] else f", unstable: {g['unstable_reason']}")
+    return (
+        f"{cpu_model()} ({os.cpu_count()} CPUs; {flags}); fp32 GEMM {g['gflops_per_s']:.0f} GFLOP/s "
+        f"({g['n']}x{g['n']} matmul, {g['threads']} threads, {spread})"
+    )
+
+
 def _gpu_driver() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
@@ -540,6 +574,7 @@ def runtime_environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_cores": default_threads(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

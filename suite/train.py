@@ -55,7 +55,7 @@ def autocast(device: torch.device, precision: str):
 
 # torch.compile's "auto" policy (the default of `capsbench train`): time the run's first eager steps, then compile
 # for the rest when the steps left at that step time would save clearly more than a compile costs. Measured
-# with `capsbench bench train` on 2 CPU threads (README, "Training speed"): a compiled step took 0.65-0.75 x the
+# with `capsbench bench train` on 2 CPU threads (docs/performance.md): a compiled step took 0.65-0.75 x the
 # eager one on the quick net, 0.9-1.0 x on sabour's (whose eager step lost its routing copies); a first compile
 # took 16 s (sabour) to 40 s (quick), 2-3 s when inductor's on-disk cache already holds the graph. Where the
 # saving is small the nets are big and the runs long, so the bounded cost of a wrong "compile" is one compile.
@@ -73,6 +73,14 @@ def compile_pays(steps_left: int, eager_step_s: float) -> bool:
 
 def compiled(model: CapsNet, compile_mode: str) -> Callable:
     return torch.compile(model, mode=None if compile_mode in ("default", "auto") else compile_mode)
+
+
+def emulated_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 asked on a CPU with neither avx512_bf16 nor amx_bf16: oneDNN converts in software there, and a bf16
+    step runs slower than fp32 (the faster machines of this project's kind have avx512_bf16; the slower not)."""
+    from capsbench.export.latency import cpu_isa
+
+    return precision == "bf16" and device.type == "cpu" and not {"avx512_bf16", "amx_bf16"} & set(cpu_isa())
 
 
 def trained_precision(record: dict) -> str:
@@ -199,6 +207,11 @@ def train(
     if force:
         for name in (files.checkpoint, files.metrics):
             (out_dir / name).unlink(missing_ok=True)
+    if emulated_bf16(device, precision):
+        tqdm.write(
+            f"  {label} {cfg.id}: note: this CPU has no avx512_bf16 or amx_bf16, so bf16 is emulated and "
+            "slower than fp32 here (recorded in metrics.json)"
+        )
     write_json(
         out_dir / CONFIG_FILE, "config", {"config_id": cfg.id, "label": cfg.label, "config": cfg.to_dict()}
     )
@@ -346,6 +359,7 @@ def train(
         "parameters": model.num_parameters(),
         "resumed_from_epoch": resumed_from,
         "precision": precision,
+        "bf16_emulated": emulated_bf16(device, precision),
         "compile_mode": compile_mode,
         "compile": decision,
         "wall_seconds_this_run": time.perf_counter() - t_start,

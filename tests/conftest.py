@@ -22,6 +22,14 @@ def fashion_data_dir() -> Path:
 END_TO_END_FIXTURES = {"smoke_all_run", "smoke_run"}
 
 
+def pytest_report_header(config):
+    """The machine the figures of this test run come from: CPU, ISA extensions and its fp32 GEMM rate now
+    (the tests assert nothing about speed; the rate says what kind of machine a slow run was on)."""
+    from capsbench.export.latency import machine_line
+
+    return f"machine: {machine_line()}"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):

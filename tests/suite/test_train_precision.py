@@ -4,6 +4,7 @@ training is ever taken for the other's."""
 import pytest
 import torch
 
+from capsbench.export.latency import cpu_isa
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_torch
@@ -25,12 +26,18 @@ def _context(cfg, out, precision):
     )
 
 
-def test_bf16_learns_like_fp32_at_equal_steps_and_never_reuses_an_fp32_training(tmp_path, fashion_data_dir):
+def test_bf16_learns_like_fp32_at_equal_steps_and_never_reuses_an_fp32_training(
+    tmp_path, fashion_data_dir, capsys
+):
     splits = training.load_splits(SHALLOW, fashion_data_dir)
     run = {
         p: training.train(SHALLOW, tmp_path / p, splits, device="cpu", progress=False, precision=p)
         for p in ("fp32", "bf16")
     }
+    # On a CPU without bf16 instructions (the slower machines of this kind) bf16 is emulated: said and recorded.
+    native = bool({"avx512_bf16", "amx_bf16"} & set(cpu_isa()))
+    assert run["bf16"]["bf16_emulated"] is (not native) and run["fp32"]["bf16_emulated"] is False
+    assert ("bf16 is emulated" in capsys.readouterr().out) is (not native)
     fp32, bf16 = run["fp32"]["history"][0], run["bf16"]["history"][0]
     assert run["bf16"]["precision"] == "bf16" and run["fp32"]["precision"] == "fp32"
     assert bf16["test_acc"] > 0.5, "bf16 training did not learn"
