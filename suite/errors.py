@@ -34,3 +34,11 @@ class DivergenceError(CapsbenchError):
 
 class StageError(CapsbenchError):
     """A stage's measurement failed (e.g. the C++ runner's outputs differ from Python ORT's)."""
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming the path and the cause of an operating-system error, e.g.
+    'runs/smoke/report.html: Read-only file system'."""
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    cause = e.strerror or type(e).__name__
+    return f"{' -> '.join(paths)}: {cause}" if paths else f"{cause} ({' '.join(str(e).split())})"

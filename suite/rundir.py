@@ -11,8 +11,13 @@ read (atomically, each JSON with a schema version). Free of torch, so reports, c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,37 @@ PRUNE_FILE = "prune.json"
 HEALTH_PRUNED_FILE = "health_pruned.json"
 HEALTH_INIT_FILE = "health_init.json"  # the config's net at initialisation, BatchNorm on batch statistics
 VERDICTS_FILE = "verdicts.json"  # run level: the paper's claims tested on the run's results
+LOCK_FILE = ".capsbench.lock"  # run level: held by the one command writing the run folder
+
+
+class RunFolderBusy(CheckpointError):
+    """Another capsbench process is writing this run folder."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """One writer per run folder: an exclusive flock on runs/<run-id>/.capsbench.lock for as long as a
+    command works there. The kernel drops it when the holder exits however it exits (SIGKILL included), so
+    a lock left by a killed run never blocks the next one. The file holds the holder's pid and start time,
+    for the second command's message."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise RunFolderBusy(
+                f"{run_dir}: another capsbench is writing this run folder ({holder}); wait for it to finish, "
+                "or give this command another --run-id"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def config_dir(run_dir: Path, cfg: Any) -> Path:

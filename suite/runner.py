@@ -19,7 +19,7 @@ from typing import Any
 
 from capsbench.suite import rundir, stages
 from capsbench.suite.env import environment, pick_device
-from capsbench.suite.errors import CapsbenchError
+from capsbench.suite.errors import CapsbenchError, os_error_message
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.rundir import ERROR_FILE, PIPELINE_FILE, RUN_FILE, config_dir, read_if_valid, write_json
 from capsbench.suite.stages import Context, Settings, Stage
@@ -50,7 +50,8 @@ class Failure:
 
         if isinstance(self.error, CapsbenchError):
             return self.error.exit_code
-        return 2 if isinstance(self.error, (ExportError, ReportError)) else 1
+        # OSError: the machine refused (read-only folder, full disk, permissions): the user's to fix
+        return 2 if isinstance(self.error, (ExportError, ReportError, OSError)) else 1
 
 
 @dataclass
@@ -66,7 +67,10 @@ class RunResult:
 
 
 def message_of(e: BaseException) -> str:
-    """The one line a user sees: the project's errors speak for themselves, others say their type."""
+    """The one line a user sees: the project's errors speak for themselves, the OS's name path and cause,
+    others say their type."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{type(e).__name__}: {os_error_message(e)}"
     text = " ".join(str(e).split())
     return text if isinstance(e, CapsbenchError) else f"{type(e).__name__}: {text}"
 
@@ -197,18 +201,28 @@ def run_config(
     record = {"config_id": cfg.id, "label": cfg.label, **record}
     tracebacks: list[str] = []
     outcome = Outcome(record)
+
+    def save(status: str | None = None) -> list[str]:
+        """pipeline.json as it stands: written after every stage, so a stage's record is on disk before the
+        next stage starts and a run killed anywhere after it resumes it as cached (a kill between a stage's
+        files and this record finds the files, complete since every write is atomic, and records them anew)."""
+        failed = [k for k, v in record.items() if isinstance(v, dict) and v.get("status") == "failed"]
+        record["status"] = "failed" if failed else (status or "complete")
+        if out.is_dir() or any(s.gate for s in selected):
+            write_json(out / PIPELINE_FILE, "pipeline", record)
+        return failed
+
     for stage in selected:
         ok, value = _run_stage(stage, ctx, record, tracebacks)
         if ok:
             outcome.outputs[stage.name] = value
-            continue
-        outcome.failures.append(Failure(cfg.id, stage.name, value))
-        if stage.gate:
+        else:
+            outcome.failures.append(Failure(cfg.id, stage.name, value))
+        if not ok and stage.gate:
             break  # every later stage reads what this one writes
-    failed = [k for k, v in record.items() if isinstance(v, dict) and v.get("status") == "failed"]
-    record["status"] = "failed" if failed else "complete"
-    if out.is_dir() or any(s.gate for s in selected):
-        write_json(out / PIPELINE_FILE, "pipeline", record)
+        if stage is not selected[-1]:
+            save("running")
+    failed = save()
     if tracebacks:
         rundir.atomic_write(out / ERROR_FILE, lambda f, t=tracebacks: f.write("\n".join(t)))
     elif not failed:
@@ -235,10 +249,16 @@ def run(
     executor: Callable | None = None,
 ) -> RunResult:
     """The stages `names` for every config, then the run-level ones; returns records, results and failures.
-    `executor` runs the configs (suite/executors/: in this process one after another by default, or on Ray)."""
+    `executor` runs the configs (suite/executors/: in this process one after another by default, or on Ray).
+    The run folder is locked meanwhile: a second command on it is refused (rundir.RunFolderBusy)."""
+    run_dir, settings = Path(run_dir), settings or Settings()
+    with rundir.run_folder_lock(run_dir):  # one writer per run folder
+        return _run_locked(configs, run_dir, names, settings, data_dir, run_info, log, executor)
+
+
+def _run_locked(configs, run_dir, names, settings, data_dir, run_info, log, executor) -> RunResult:
     from capsbench.suite.executors import local
 
-    run_dir, settings = Path(run_dir), settings or Settings()
     selected = stages.select(names)
     device = pick_device(settings.device)
     result, shared = RunResult(run_dir), {}

@@ -12,7 +12,7 @@ import sys
 import threading
 
 from capsbench import __version__
-from capsbench.suite.errors import CapsbenchError
+from capsbench.suite.errors import CapsbenchError, os_error_message
 
 # Subcommand modules under capsbench.suite.cli, in the order `--help` lists them.
 COMMANDS = (
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except CapsbenchError as e:
         print(f"capsbench: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the operating system said no: a read-only folder, a full disk, a file for a folder
+        print(f"capsbench: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "capsbench: interrupted; finished stages are kept, rerun the same command to resume",

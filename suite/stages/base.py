@@ -158,9 +158,11 @@ def isolated_torch_state() -> Iterator[None]:
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     rng = torch.get_rng_state()
+    grad = torch.is_grad_enabled()
     try:
         yield
     finally:
+        torch.set_grad_enabled(grad)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_rng_state(rng)

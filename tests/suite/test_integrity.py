@@ -127,21 +127,55 @@ def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_
 # ------------------------------------------------------------------------------- 3. history-free global state
 
 
-def test_a_stage_s_thread_count_does_not_leak_into_the_next_stage(run_copy, fashion_data_dir):
+def test_a_stage_s_thread_count_and_grad_mode_do_not_leak_into_the_next_stage(run_copy, fashion_data_dir):
+    """The runner isolates torch's process-wide state per stage: a stage that changes the thread count (as
+    timing with --threads once did in this process) or grad mode leaves the next stage, and the caller, as
+    they were. The spy changes them inside a real stage; without the runner's isolation this fails."""
+    from capsbench.suite import stages
+
     before = torch.get_num_threads()
     other = 1 if before != 1 else 2
-    timing = ["--batch-sizes", "1", "--iters", "1", "--warmup", "0", "--threads", str(other)]
-    assert _all(run_copy.parent, fashion_data_dir, "--only", "time", *timing) == 0
-    assert _json(run_copy / CFG.id / rundir.LATENCY_FILE)["settings"]["threads"] == other
-    assert torch.get_num_threads() == before
+    health, export = stages.get("health"), stages.get("export")
+    seen = {}
+    originals = health.run, export.run
+
+    def leaky(ctx):
+        torch.set_num_threads(other)
+        torch.set_grad_enabled(False)
+        return originals[0](ctx)
+
+    def observe(ctx):
+        seen.update(threads=torch.get_num_threads(), grad=torch.is_grad_enabled())
+        return originals[1](ctx)
+
+    object.__setattr__(health, "run", leaky)
+    object.__setattr__(export, "run", observe)
+    try:
+        assert _all(run_copy.parent, fashion_data_dir, "--only", "health", "export", "--force") == 0
+    finally:
+        object.__setattr__(health, "run", originals[0])
+        object.__setattr__(export, "run", originals[1])
+    assert seen == {"threads": before, "grad": True}
+    assert torch.get_num_threads() == before and torch.is_grad_enabled()
 
 
+def _recorded(folder: Path, stage: str) -> bool:
+    """The runner's own 'finished' record of a stage: pipeline.json, written after every stage."""
+    try:
+        return _json(folder / rundir.PIPELINE_FILE)[stage]["status"] == "ok"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not written yet (every write is atomic: never half a file)
+
+
+@pytest.mark.timing
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fashion_data_dir):
     """Both smoke configs through train, export and time (one thread). Uninterrupted, the second config trains
-    after the first one's timing in the same process; killed (SIGKILL) once the first one's latency.json is
-    there and resumed, it trains in a process that timed nothing. Accuracies and ONNX bytes must not differ
-    (they did while the time stage's thread count leaked into the next training)."""
+    after the first one's timing in the same process; killed (SIGKILL) at a point the runner defines -- once
+    pipeline.json records the first config's time stage as finished -- and resumed, it trains in a process that
+    timed nothing. The resumed run reuses that finished stage ('time: cached': its record was on disk before the
+    next stage began, however slow the machine), and accuracies and ONNX bytes do not differ (they did while the
+    time stage's thread count leaked into the next training)."""
     deep = get_preset("smoke").configs()[1]
     ids = [CFG.id, deep.replace(**_tiny()).id]
 
@@ -165,17 +199,68 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fashion_da
     assert done.returncode == 0, done.stdout[-2000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "smoke" / ids[0] / rundir.LATENCY_FILE
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    first = killed / "smoke" / ids[0]
+    while not _recorded(first, "time") and proc.poll() is None:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert _recorded(first, "time"), "the run ended before the kill point"
+    # The second config trains for seconds after that record; 10 ms of polling never reaches its metrics.
     assert not (killed / "smoke" / ids[1] / rundir.METRICS_FILE).exists(), "the kill came too late"
     done = subprocess.run(cmd(killed), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
-    assert "time: cached" in done.stdout
+    assert "time: cached" in done.stdout, done.stdout
     assert outcome(killed) == outcome(whole)
+
+
+@pytest.mark.timing
+def test_a_finished_file_whose_record_a_kill_lost_is_reused_and_recorded_again(
+    run_copy, fashion_data_dir, capsys
+):
+    """The other kill point: after a stage's file was renamed into place but before the runner recorded it.
+    The file is whole (atomic writes) and of these settings, so the resumed run keeps it ('ok (cached)'), not
+    a second measurement, and records the stage again with its hashes."""
+    folder = run_copy / CFG.id
+    timing = ["--only", "time", "--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--rounds", "1"]
+    assert _all(run_copy.parent, fashion_data_dir, *timing) == 0
+    latency = (folder / rundir.LATENCY_FILE).read_bytes()
+    pipeline = _json(folder / rundir.PIPELINE_FILE)
+    del pipeline["time"]
+    (folder / rundir.PIPELINE_FILE).write_text(json.dumps(pipeline))
+    capsys.readouterr()
+    assert _all(run_copy.parent, fashion_data_dir, *timing) == 0
+    assert "time: ok (cached)" in capsys.readouterr().out
+    assert (folder / rundir.LATENCY_FILE).read_bytes() == latency
+    assert _recorded(folder, "time")
+    assert _json(folder / rundir.PIPELINE_FILE)["time"]["outputs"][rundir.LATENCY_FILE] == rundir.sha256(
+        folder / rundir.LATENCY_FILE
+    )
+
+
+@pytest.mark.timing
+def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_dir):
+    """A stage's record is written before the next stage starts: while 'time' runs, export is already on disk
+    as finished, and the whole record reads 'running' until the last stage is done."""
+    folder = run_copy / CFG.id
+    seen = {}
+    from capsbench.suite import stages
+
+    time_stage = stages.get("time")
+    original = time_stage.run
+
+    def spy(ctx):
+        seen.update(_json(folder / rundir.PIPELINE_FILE))
+        return original(ctx)
+
+    object.__setattr__(time_stage, "run", spy)
+    try:
+        args = ["--only", "export", "time", "--force", "--batch-sizes", "1", "--iters", "2", "--rounds", "1"]
+        assert _all(run_copy.parent, fashion_data_dir, *args) == 0
+    finally:
+        object.__setattr__(time_stage, "run", original)
+    assert seen["status"] == "running" and seen["export"]["status"] == "ok" and "time" not in seen
+    final = _json(folder / rundir.PIPELINE_FILE)
+    assert final["status"] == "complete" and final["time"]["status"] == "ok"
 
 
 # ---------------------------------------------------------------------------------------- 4. check refuses
@@ -343,3 +428,35 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     assert res.returncode == 130, res.stderr
     assert "interrupted" in res.stderr
     assert list(tmp_path.glob("capsbench-*")) == []
+
+
+# ------------------------------------------------------------------------------- one writer per run folder
+
+
+def test_a_second_command_on_a_run_folder_in_use_is_refused_and_a_killed_holder_does_not_block(
+    run_copy, fashion_data_dir, capsys
+):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from capsbench.suite.rundir import run_folder_lock\n"
+            "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
+            str(run_copy),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export", "--force") == 2
+        err = capsys.readouterr().err.strip()
+        assert "another capsbench is writing this run folder" in err and f"pid {holder.pid}" in err, err
+        assert len(err.splitlines()) == 1
+        assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a holder killed without a chance to clean up
+        holder.wait()
+    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0  # the kernel freed it
