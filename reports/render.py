@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from capsbench.files import atomic_write
 from capsbench.reports import charts
 from capsbench.reports.charts import PALETTE, Panel, Series
 from capsbench.reports.compare import compare_runs
@@ -22,7 +23,7 @@ from capsbench.reports.load import eager_p50, load_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 
-# What the paper claims, in words (no table of the paper could be read: see README and shared/paper.md),
+# What the paper claims, in words (no table of the paper could be read: see docs/models.md and shared/paper.md),
 # and the chart of this page that shows the data behind each.
 PAPER_CLAIMS = [
     (
@@ -889,7 +890,6 @@ def render_report(run_dir: Path, out_path: Path | None = None, baseline_dir: Pat
     env.filters.update(pct=_pct, si=_fmt_int, num=_fmt_num)
     html = env.get_template("report.html.j2").render(**build_context(Path(run_dir), baseline_dir))
     out_path = Path(out_path) if out_path else Path(run_dir) / "report.html"
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(html)
-    tmp.replace(out_path)
-    return out_path
+    # The project's one writer: a unique temporary created exclusively (a link planted at any name is never
+    # followed), fsync, rename; the temporary goes on any failure.
+    return atomic_write(out_path, lambda f: f.write(html))

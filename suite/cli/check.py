@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from capsbench.files import atomic_write
 from capsbench.reports.compare import Tolerances, compare_runs
 from capsbench.reports.completeness import completeness_problems
 from capsbench.reports.load import ReportError
@@ -114,7 +115,7 @@ def run(args) -> int:
     except ReportError as e:
         raise CapsbenchError(str(e)) from e
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2) + "\n"))
     for ch in result["checks"]:
         print(format_check(ch))
     for cid in result["missing_configs"]:
