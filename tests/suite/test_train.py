@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +23,12 @@ DEEP = next(c for c in SMOKE if c.model.depth >= 3)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, fashion_data_dir):
-    """`capsbench train --preset smoke` once, on the real data: the run folder and the exit code."""
+def smoke_run(smoke_all_run, tmp_path_factory, fashion_data_dir):
+    """The smoke preset's nets as the session trained them once (`capsbench all --preset smoke`, the same
+    train stage), copied, then `capsbench train --preset smoke` over the copy: the run folder and its exit code.
+    Training them a second time here cost CI minutes and tested the same code on the same configs."""
     runs = tmp_path_factory.mktemp("runs")
+    shutil.copytree(smoke_all_run, runs / "smoke")
     code = main(
         [
             "train",
@@ -96,7 +100,6 @@ def test_deep_net_health_reports_every_routed_layer(smoke_run):
 def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, capsys):
     run_dir, _ = smoke_run
     before = (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns
-    t0 = time.perf_counter()
     assert (
         main(
             [
@@ -114,9 +117,9 @@ def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, capsys):
         )
         == 0
     )
-    assert time.perf_counter() - t0 < 20  # no training happened, only loading
-    assert (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns == before
-    assert SHALLOW.id in capsys.readouterr().out
+    assert (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns == before  # no training happened
+    out = capsys.readouterr().out
+    assert SHALLOW.id in out and "train: cached" in out, out
 
 
 def test_health_command_remeasures_at_another_threshold(smoke_run, fashion_data_dir):
@@ -167,6 +170,7 @@ def _train_cmd(runs: Path, data_dir: Path, epochs: int) -> list[str]:
     ]
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, fashion_data_dir):
     cfg = SHALLOW.replace(epochs=3, train_subset=2000, eval_subset=300)
