@@ -161,7 +161,13 @@ def cell(key: str, value: Any) -> str:
         return f"{value:.3f}"
     if key == "speedup":
         return f"{value:.2f}x"
-    return str(value)
+    return terminal_safe(str(value))
+
+
+def terminal_safe(text: str) -> str:
+    """Text from a result file made safe to print: control characters (an ESC that would start a terminal
+    escape sequence: set the title, move the cursor, recolour) shown as their \\x.. escape, never sent raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_summary(rows: list[dict[str, Any]], legend: bool = True) -> str:

@@ -182,8 +182,7 @@ def _timed_rounds(
             progress(
                 f"{cfg.id}: timing round {n} ({clean}/{settings.rounds} clean so far) in a fresh process"
             )
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            r = pool.submit(_time_round, cfg, out, settings, images, threads, progress is not None).result()
+        r = in_worker(spawn, _time_round, cfg, out, settings, images, threads, progress is not None)
         if r["contention"] is not None and progress is not None:
             progress(f"{cfg.id}: round {n} timed beside other work: {r['contention']}")
         return r
@@ -219,6 +218,21 @@ def rounds_agree(rounds: list[dict[str, Any]], within: float = ROUNDS_AGREE) -> 
     return bool(p50s) and all(
         len(v) == len(rounds) and min(v) > 0 and max(v) / min(v) <= within for v in p50s.values()
     )
+
+
+def in_worker(context, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a fresh worker process. Interrupted (Ctrl-C, or SIGTERM, which the CLI turns into the same),
+    the worker is killed at once instead of being waited for to the end of its round."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+    try:
+        result = pool.submit(fn, *args).result()
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return result
 
 
 def clean_rounds(

@@ -460,3 +460,52 @@ def test_a_second_command_on_a_run_folder_in_use_is_refused_and_a_killed_holder_
         holder.send_signal(signal.SIGKILL)  # a holder killed without a chance to clean up
         holder.wait()
     assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0  # the kernel freed it
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timing
+def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
+    """The round's worker process would time for ten minutes (100 000 calls, max 600 s); SIGTERM to capsbench
+    ends both: exit 130 with the interrupt's message, the worker killed, not waited for."""
+    timing = ["--batch-sizes", "1", "--iters", "100000", "--max-seconds", "600", "--warmup", "0", "--rounds", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "capsbench.suite.cli", "time", "--runs-dir", str(run_copy.parent)]
+        + ["--configs", SHALLOW.id, *TINY, *timing],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        for line in proc.stdout:  # the round's own progress: its worker is timing now
+            if "batch" in line or "threads" in line:
+                break
+        workers = [p for p in _children(proc.pid) if _alive(p)]
+        assert workers, "no worker process found"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 130  # a hang here is the bug: 300 s is half the worker's timing
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "interrupted" in proc.stderr.read()
+    assert not any(_alive(p) for p in workers)
+    assert not (run_copy / CFG.id / rundir.LATENCY_FILE).exists()

@@ -119,6 +119,19 @@ def test_summary_marks_unstable_timings_and_shows_missing_results_as_dashes(run)
     assert missing["accuracy"] == f"{100 * _load(run / other / 'metrics.json')['test_accuracy']:.2f}"
 
 
+def test_a_label_with_terminal_escapes_is_printed_escaped_not_raw(run):
+    """A label edited to set the terminal's title (OSC 0) and clear the screen: the summary shows the escapes
+    as text; no control character reaches the terminal."""
+    cfg_id = _load(run / "run.json")["configs"][0]["config_id"]
+    path = run / cfg_id / "config.json"
+    config = _load(path)
+    config["label"] = "evil\x1b]0;pwned\x07\x1b[2J label"
+    path.write_text(json.dumps(config))
+    text = format_summary(summary_rows(run), legend=False)
+    assert not any(ord(c) < 32 and c != "\n" for c in text)
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J label" in text
+
+
 def test_progress_in_a_log_is_one_labelled_line_per_epoch(tmp_path, fashion_data_dir, capfd):
     """Training and fine-tuning with progress on, stderr captured (not a terminal): no carriage-return bar
     updates, one line per epoch, each naming its stage."""
