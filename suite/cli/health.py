@@ -40,6 +40,11 @@ def run(args) -> int:
     configs = []
     for d in dirs:
         cfg = RunConfig.from_dict(rundir.read_result(d / rundir.CONFIG_FILE, "config")["config"])
+        if cfg.id != d.name:  # config.json edited by hand: measuring it would write into a new, stray folder
+            raise CheckpointError(
+                f"{d / rundir.CONFIG_FILE}: describes config {cfg.id}, not {d.name} (the folder it is in); it was "
+                "edited: restore it, or train the edited config with 'capsbench train'"
+            )
         if rundir.is_trained(d):
             configs.append(cfg)
         else:

@@ -509,3 +509,16 @@ def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
     assert "interrupted" in proc.stderr.read()
     assert not any(_alive(p) for p in workers)
     assert not (run_copy / CFG.id / rundir.LATENCY_FILE).exists()
+
+
+def test_health_refuses_a_config_json_edited_by_hand_and_creates_nothing(run_copy, fashion_data_dir, capsys):
+    path = run_copy / CFG.id / rundir.CONFIG_FILE
+    config = _json(path)
+    config["config"]["epochs"] += 1
+    path.write_text(json.dumps(config))
+    before = sorted(p.name for p in run_copy.iterdir())
+    capsys.readouterr()
+    assert main(["health", str(run_copy), "--data-dir", str(fashion_data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"not {CFG.id} (the folder it is in)" in err, err
+    assert sorted(p.name for p in run_copy.iterdir()) == before
