@@ -3,6 +3,7 @@ the networks they hold rebuilt with their own architecture (a pruned net is smal
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,12 @@ from capsbench.suite.rundir import atomic_write
 
 
 def save_torch(path: Path, obj: Any) -> Path:
-    """torch.save through a temp file and rename, so a killed run never leaves a truncated checkpoint."""
-    return atomic_write(Path(path), lambda f: torch.save(obj, f), "wb")
+    """torch.save through a temp file and rename, so a killed run never leaves a truncated checkpoint. The
+    bytes are made in memory first and written by Python: a full disk is then the OS's own error (ENOSPC,
+    one line at the CLI), not torch's writer's 'unexpected pos'."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()), "wb")
 
 
 def load_torch(path: Path) -> Any:

@@ -486,7 +486,18 @@ def _alive(pid: int) -> bool:
 def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
     """The round's worker process would time for ten minutes (100 000 calls, max 600 s); SIGTERM to capsbench
     ends both: exit 130 with the interrupt's message, the worker killed, not waited for."""
-    timing = ["--batch-sizes", "1", "--iters", "100000", "--max-seconds", "600", "--warmup", "0", "--rounds", "1"]
+    timing = [
+        "--batch-sizes",
+        "1",
+        "--iters",
+        "100000",
+        "--max-seconds",
+        "600",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+    ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "capsbench.suite.cli", "time", "--runs-dir", str(run_copy.parent)]
         + ["--configs", SHALLOW.id, *TINY, *timing],
@@ -522,3 +533,64 @@ def test_health_refuses_a_config_json_edited_by_hand_and_creates_nothing(run_cop
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"not {CFG.id} (the folder it is in)" in err, err
     assert sorted(p.name for p in run_copy.iterdir()) == before
+
+
+# ------------------------------------------------------------------------- the operating system says no
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real, small filesystem (tmpfs) of its own, to fill up or make read-only; root mounts it (CI runs as
+    root; where mounting is refused the test says so)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_nothing_that_looks_finished(
+    small_fs, fashion_data_dir, capsys
+):
+    capsys.readouterr()
+    code = main(
+        ["train", "--runs-dir", str(small_fs), "--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id]
+        + [*TINY, "--no-progress"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    folder = small_fs / "smoke" / CFG.id
+    assert not (folder / rundir.CHECKPOINT_FILE).exists() and not (folder / rundir.METRICS_FILE).exists()
+    assert [p.name for p in small_fs.rglob("*.tmp")] == []
+
+
+def test_a_read_only_run_folder_is_one_line_for_report_health_and_all(tmp_path, fashion_data_dir, capsys):
+    """The checked-in real smoke run on a read-only mount: every command that would write says so in one line
+    (exit 2) and changes nothing."""
+    src = Path(__file__).parents[1] / "reports" / "data" / "smoke"
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        shutil.copytree(src, mnt / "smoke")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        before = {p: p.read_bytes() for p in (mnt / "smoke").rglob("*") if p.is_file()}
+        commands = [
+            ["report", str(mnt / "smoke")],
+            ["health", str(mnt / "smoke"), "--data-dir", str(fashion_data_dir)],
+            ["all", "--runs-dir", str(mnt), "--only", "report", "--no-progress"],
+        ]
+        for argv in commands:
+            capsys.readouterr()
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert "Read-only file system" in err and "Traceback" not in err, (argv, err)
+            assert len(err.splitlines()) == 1, (argv, err)
+        assert {p: p.read_bytes() for p in (mnt / "smoke").rglob("*") if p.is_file()} == before
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
