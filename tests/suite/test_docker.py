@@ -253,7 +253,11 @@ class TestImage:
         if os.geteuid() == 0:  # run as an ordinary host user would: files on the host are theirs
             os.chown(runs, *NON_ROOT)
             user = "{}:{}".format(*NON_ROOT)
-        args = ["all", "--preset", "smoke", "--batch-sizes", "1", "8", "--iters", "10", "--no-progress"]
+        # The whole pipeline in the image, offline, on less data and one timing round: what this test asserts
+        # is that every stage runs there and leaves its results on the host (the smoke preset's accuracy on
+        # its full data is asserted on the host, tests/suite/test_train.py).
+        args = ["all", "--preset", "smoke", "--train-subset", "3000", "--eval-subset", "500", "--epochs", "1"]
+        args += ["--batch-sizes", "1", "8", "--iters", "10", "--rounds", "1", "--no-progress"]
         t0 = time.perf_counter()
         code, out = _run(docker_client, args, runs_dir=runs, data_dir=fashion_data_dir, user=user)
         print(f"capsbench {' '.join(args)} in the container: {time.perf_counter() - t0:.0f} s")
@@ -264,7 +268,7 @@ class TestImage:
         assert len(configs) == 2, sorted(run.iterdir())
         for cfg in configs:
             metrics = json.loads((cfg / "metrics.json").read_text())
-            assert metrics["test_accuracy"] > 0.5, metrics
+            assert metrics["test_accuracy"] > 0.3, metrics  # chance is 0.1
             assert json.loads((cfg / "health.json").read_text())["schema_version"] >= 1
         assert "results: runs/smoke" in out
         if args[0] == "all":

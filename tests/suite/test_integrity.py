@@ -184,7 +184,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fashion_da
             *[sys.executable, "-m", "capsbench.suite.cli", "all", "--runs-dir", str(runs)],
             *["--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id, deep.id, *TINY],
             *["--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--threads", "1", "--no-progress"],
-            *["--only", "train", "export", "time"],
+            *["--rounds", "1", "--only", "train", "export", "time"],
         ]
 
     def outcome(runs: Path) -> dict:
