@@ -5,12 +5,13 @@ Every backend is timed by `time_backend` on the same inputs in the same process,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ STABLE_MAX_P50_OVER_MIN = 1.5
 MAX_OTHER_CORES = 0.25
 CONTENTION_MIN_WINDOW_S = 0.25
 RETRIES = 2  # an unstable measurement is timed again at most this many times
+# ONNX Runtime captures a CUDA graph on its 2nd-3rd run: a graph backend runs this many times before timing.
+MIN_GRAPH_WARMUP = 3
 
 
 def stability(durations_ms: Sequence[float]) -> tuple[bool, str | None]:
@@ -234,8 +237,8 @@ def time_backend(
     retries: int = RETRIES,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
-    """Time `run_fn` (one batch per call): the first call alone (compilation, cuDNN search, CUDA graph
-    capture land there), then warmup - 1 more untimed calls, then `iters` timed calls. `sync` runs inside
+    """Time `run_fn` (one batch per call): the first call alone (compilation, cuDNN search land there; a CUDA
+    graph is captured before, see `graph_backend`), then warmup - 1 more untimed calls, then `iters` timed calls. `sync` runs inside
     each timed call (torch.cuda.synchronize, IOBinding output sync) so asynchronous work is counted.
     `max_seconds` stops warm-up and timing early (after at least `min_iters` timed calls) for slow backends.
 
@@ -334,6 +337,59 @@ def torch_backend(
             with torch.inference_mode():
                 return fn(x)
 
+        return run, sync
+
+    return prepare
+
+
+# The precision policy of every timing (harness, time stage, GPU check, C++ runner): fp32 means fp32 on both
+# sides. ONNX Runtime's CUDA provider runs with use_tf32=0 (sessions.py, runner.cpp); torch's cuDNN
+# convolutions default to TF32 on Ampere and later, so torch is held to IEEE fp32 while it is timed.
+PRECISION_POLICY = {"fp32": "ieee", "torch_tf32": False, "ort_cuda_use_tf32": False}
+
+
+def _tf32_knobs() -> list[tuple[Any, str, Any, str]]:
+    """(object, attribute, IEEE value, name) for torch's fp32-precision settings: the fp32_precision API where this
+    torch has it, else the older allow_tf32 flags."""
+    b = torch.backends
+    knobs = []
+    for name, owner in (("cudnn.conv", getattr(b.cudnn, "conv", None)), ("cuda.matmul", b.cuda.matmul)):
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            knobs.append((owner, "fp32_precision", "ieee", f"torch.backends.{name}.fp32_precision"))
+    if not knobs:
+        knobs = [
+            (b.cudnn, "allow_tf32", False, "torch.backends.cudnn.allow_tf32"),
+            (b.cuda.matmul, "allow_tf32", False, "torch.backends.cuda.matmul.allow_tf32"),
+        ]
+    return knobs
+
+
+@contextlib.contextmanager
+def fp32_torch() -> Iterator[dict[str, Any]]:
+    """torch in IEEE fp32 (no TF32) for the block, restored after; yields what it set, for the results."""
+    knobs = _tf32_knobs()
+    saved = [getattr(o, a) for o, a, _, _ in knobs]
+    try:
+        for o, a, v, _ in knobs:
+            setattr(o, a, v)
+        yield {**PRECISION_POLICY, "torch_settings": {name: v for _, _, v, name in knobs}}
+    finally:
+        for (o, a, _, _), v in zip(knobs, saved, strict=True):
+            setattr(o, a, v)
+
+
+def graph_backend(path, provider: str, threads: int | None = None) -> Prepare:
+    """ORT with the whole graph captured (CUDA graphs): one session per batch size (a graph has fixed shapes).
+    ONNX Runtime captures on the 2nd-3rd run, so the first MIN_GRAPH_WARMUP runs happen here, before the
+    harness's own warm-up: however small the warm-up asked, the capture never lands in a timed call."""
+    from capsbench.export.sessions import make_session
+
+    def prepare(images: np.ndarray) -> tuple[RunFn, Sync]:
+        run, sync = make_session(path, provider, threads, cuda_graph=True).runner(images)
+        for _ in range(MIN_GRAPH_WARMUP):
+            run()
+            if sync is not None:
+                sync()
         return run, sync
 
     return prepare

@@ -228,7 +228,8 @@ def make_session(
     provider: 'cpu'; 'cuda' (SessionError unless the session really runs on CUDA); 'auto' (CUDA when this
     onnxruntime has it and a GPU is present, else CPU; a CUDA attempt that falls back is recorded in
     info['fallback']). threads: CPU intra-op threads (default: this process's cores). cuda_graph: capture
-    the whole graph on the first run (needs every node on CUDA and fixed IOBinding buffers: use `runner`).
+    the whole graph (ONNX Runtime does so on the 2nd-3rd run: latency.graph_backend runs those before timing;
+    needs every node on CUDA and fixed IOBinding buffers: use `runner`).
     allow_spinning: let idle CPU pool threads spin between runs (ORT's default; off here so that the threads
     leave the cores to whatever runs next, e.g. torch in the timing sweep).
     """

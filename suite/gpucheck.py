@@ -6,7 +6,6 @@ and torch.compile, node placement, first-run time) into one JSON file. `--allow-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import subprocess
 import sys
 import tempfile
@@ -137,17 +136,6 @@ def placement_summary(by_op: dict[str, dict[str, int]]) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    """fp32 convolutions in torch too (ORT's sessions turn TF32 off), so parity compares like with like."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def latency_figures(
     model: torch.nn.Module,
     onnx_path: Path,
@@ -168,7 +156,7 @@ def latency_figures(
     provider, device = ("cuda", "cuda") if cuda else ("cpu", "cpu")
     session = make_session(onnx_path, provider)
     model = model.eval().to(device)
-    with _no_tf32():
+    with harness.fp32_torch():
         try:
             par = parity(onnx_path, model, images, session=session)
         except ParityError as e:
@@ -178,11 +166,13 @@ def latency_figures(
     # On CUDA the session's runner binds inputs and outputs to device buffers (IOBinding): no copy is timed.
     backends: dict[str, harness.Prepare] = {f"ort_{provider}": harness.ort_backend(session)}
     if cuda:  # a captured graph has fixed shapes: one session per batch size
-        backends["ort_cuda_graph"] = lambda b: make_session(onnx_path, "cuda", cuda_graph=True).runner(b)
+        backends["ort_cuda_graph"] = harness.graph_backend(onnx_path, "cuda")
     backends["torch_eager"] = harness.torch_backend(model, device)
     if compile:
         backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
-    with _no_tf32():  # torch in fp32 like ORT (use_tf32=0): the speedups compare the same arithmetic
+    with (
+        harness.fp32_torch()
+    ):  # torch in fp32 like ORT (use_tf32=0): the speedups compare the same arithmetic
         rows = harness.sweep(
             backends,
             x,

@@ -146,6 +146,7 @@ def time_config(
         "rounds_agreed_early": len(rounds) < max(settings.rounds, 1),
         "rounds_set_aside": set_aside,
         "machine_probe": probe,
+        "precision": first["precision"],
         **(
             {"test_ort_delay_ms": float(os.environ[TEST_DELAY_ENV])} if os.environ.get(TEST_DELAY_ENV) else {}
         ),
@@ -200,23 +201,30 @@ def least_rounds(settings: TimeSettings) -> int:
     return wanted if settings.min_rounds is None else min(max(settings.min_rounds, 2), wanted)
 
 
-# Rounds agree when every measurement's median moved by at most this factor between them (and every one was
-# stable in each): then the spread between processes that further rounds would sample is already small next to
-# `capsbench check`'s 20 % tolerance, and `--min-rounds` may stop there.
+# Rounds agree when every measurement was stable in each and the figure `capsbench check` gates moved by at most
+# this factor between them: ORT's speedup over torch eager timed in the same round (a process's speed moves both
+# runtimes and cancels there), or, for rows timed without eager beside them (the C++ runner's), the p50. Then
+# the spread between processes that further rounds would sample is small next to check's 20 % tolerance, and
+# `--min-rounds` may stop there.
 ROUNDS_AGREE = 1.10
 
 
 def rounds_agree(rounds: list[dict[str, Any]], within: float = ROUNDS_AGREE) -> bool:
-    """Whether clean rounds (each `_time_round`'s result) agree: every row ok and stable in every round, each
-    row's p50 within `within` between its fastest and slowest round, and so ORT's speedup over eager too."""
-    p50s: dict[tuple, list[float]] = {}
+    """Whether clean rounds (each `_time_round`'s result, or {"rows": ...}) agree: every row ok and stable in
+    every round, and each gated figure within `within` between its highest and lowest round."""
+    figures: dict[tuple, list[float]] = {}
     for r in rounds:
         for row in r["rows"]:
             if row.get("status") != "ok" or not row.get("stable", False):
                 return False
-            p50s.setdefault((row.get("variant"), row["backend"], row["batch"]), []).append(row["p50_ms"])
-    return bool(p50s) and all(
-        len(v) == len(rounds) and min(v) > 0 and max(v) / min(v) <= within for v in p50s.values()
+            key = (row.get("variant"), row["backend"], row["batch"])
+            speedup = next((v for k, v in row.items() if k.startswith("speedup_vs_")), None)
+            if speedup is not None:
+                figures.setdefault(key, []).append(speedup)
+            elif row["backend"] != harness.REFERENCE:  # eager itself enters through the speedups
+                figures.setdefault(key, []).append(row["p50_ms"])
+    return bool(figures) and all(
+        len(v) == len(rounds) and min(v) > 0 and max(v) / min(v) <= within for v in figures.values()
     )
 
 
@@ -318,6 +326,14 @@ def _time_round(
     process's GEMM rate per device, the machine probe at the start and the end, and whether other processes
     took the cores meanwhile (`contention`, a reason, or None)."""
     torch.set_num_threads(threads)  # torch and ORT get the same cores
+    with harness.fp32_torch() as precision:  # fp32 on both sides: ORT's CUDA provider runs without TF32
+        result = _sweep_round(cfg, out, settings, images, threads, verbose)
+    return {**result, "precision": precision}
+
+
+def _sweep_round(
+    cfg: RunConfig, out: Path, settings: TimeSettings, images: np.ndarray, threads: int, verbose: bool
+) -> dict[str, Any]:
     say = (lambda line: print(line, flush=True)) if verbose else None
     rows, sessions, flops, placement, devices, gemm = [], {}, {}, {}, {}, {}
     probe_device = "cuda" if settings.provider != "cpu" and torch.cuda.is_available() else "cpu"
@@ -337,7 +353,7 @@ def _time_round(
         if ep.name != "cpu":  # which nodes ORT silently left on the CPU
             placement[v.name] = node_placement(out / v.onnx, images[:1], provider=ep.name, threads=threads)
         if ep.graphs:
-            backends[f"ort_{ep.name}_graph"] = _graph_backend(out / v.onnx, ep.name, threads)
+            backends[f"ort_{ep.name}_graph"] = harness.graph_backend(out / v.onnx, ep.name, threads)
         backends["torch_eager"] = harness.torch_backend(model, device)
         if settings.compile:
             backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
@@ -402,15 +418,6 @@ def _pool_gemm(records: list[dict]) -> dict:
         "samples_ms": every,
         "round_samples_ms": [r["samples_ms"] for r in records],
     }
-
-
-def _graph_backend(path: Path, provider: str, threads: int) -> harness.Prepare:
-    """ORT with the whole graph captured (CUDA graphs): one session per batch size (a graph has fixed shapes)."""
-
-    def prepare(images: np.ndarray):
-        return make_session(path, provider, threads, cuda_graph=True).runner(images)
-
-    return prepare
 
 
 def format_latency(result: dict) -> str:

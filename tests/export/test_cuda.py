@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from capsbench.export import make_session, parity
+from capsbench.export.latency import fp32_torch
 from capsbench.export.sessions import CUDA
 from capsbench.models import CapsNet, CapsNetConfig, build_capsnet, margin_loss
 from capsbench.suite import data
 from capsbench.suite.doctor import cuda_missing
-from capsbench.suite.gpucheck import _no_tf32, placement_by_op, placement_summary
+from capsbench.suite.gpucheck import placement_by_op, placement_summary
 
 MISSING = cuda_missing()
 SMALL_NET = CapsNetConfig(backbone="sahu", backbone_channels=(8, 16, 32), primary_types=8, primary_dim=8)
@@ -27,7 +28,7 @@ def test_ort_cuda_session_matches_torch_on_the_gpu(exported, fashion):
     s = make_session(e.path, "cuda")
     assert s.provider == CUDA and s.info["fallback"] is None
     model = copy.deepcopy(e.model).cuda()  # torch on the GPU too (TF32 off, as in ORT's session)
-    with _no_tf32():
+    with fp32_torch():
         result = parity(e.path, model, fashion["test_x"], session=s)  # raises ParityError on a mismatch
     assert result["provider"] == CUDA and result["argmax_agreement"] == 1.0
 

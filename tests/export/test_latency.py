@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from capsbench.export import make_session, summarize, sweep, time_backend
 from capsbench.export.latency import (
@@ -397,3 +398,22 @@ def test_a_child_waited_for_inside_the_window_is_this_processs_own_work():
     sleeping = child("import time; time.sleep(0.8)")
     assert spinning is not None and sleeping is not None
     assert spinning < sleeping + 0.3  # a spinning child adds no contention (~1 core if it were counted)
+
+
+def test_timing_holds_torch_to_ieee_fp32_as_ort_and_restores_the_setting():
+    """torch 2.13 runs cuDNN convolutions in TF32 by default while ORT's CUDA provider runs with use_tf32=0: a
+    CUDA speedup would compare different arithmetic. The harness's policy sets IEEE fp32 for the timing and
+    gives the caller's settings back (CPU builds have the same switches, so this runs anywhere)."""
+    from capsbench.export.latency import _tf32_knobs, fp32_torch
+
+    knobs = _tf32_knobs()
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # torch's own default for cuDNN convolutions
+    try:
+        before = [getattr(o, a) for o, a, _, _ in knobs]
+        with fp32_torch() as policy:
+            assert [getattr(o, a) for o, a, _, _ in knobs] == [v for _, _, v, _ in knobs]
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert [getattr(o, a) for o, a, _, _ in knobs] == before
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert policy["torch_tf32"] is False and policy["ort_cuda_use_tf32"] is False

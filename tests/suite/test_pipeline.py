@@ -65,14 +65,14 @@ def test_all_runs_every_stage_for_every_config(smoke_all_run):
             assert lat["settings"]["min_rounds"] == 2 and lat["settings"]["rounds"] == 3  # smoke's budget
             assert ok and all(len(r["round_samples_ms"]) == r["rounds"] <= lat["rounds"] for r in ok)
             assert 2 <= lat["rounds"] <= 3
-            # Two rounds only when they agreed: every measurement stable in both, medians within 10 %.
+            # Two rounds only when they agreed: every measurement stable in both (and their gated figures
+            # within 10 %: tests/suite/test_timing_rounds.py); three otherwise.
             for r in ok:
                 if r["rounds"] == 2:
-                    assert all(r["round_stable"]) and max(r["round_p50_ms"]) <= 1.10 * min(
-                        r["round_p50_ms"]
-                    ), r
+                    assert all(r["round_stable"]), r
         python = _json(folder / "latency.json")
         assert python["rounds_agreed_early"] is (python["rounds"] == 2)
+        assert python["precision"]["torch_tf32"] is False  # one precision policy: fp32 on both sides
     assert (smoke_all_run / "report.html").is_file()
 
 
