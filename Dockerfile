@@ -28,7 +28,7 @@ ARG TORCH=torch==2.13.0
 ARG TORCH_INDEX_URL=
 # ORT: the ONNX Runtime distribution that replaces pyproject's onnxruntime-gpu requirement. onnxruntime-gpu also
 # runs the CPU provider; CI builds with the CPU-only `onnxruntime` (a 17 MB wheel instead of 250 MB).
-ARG ORT=onnxruntime-gpu>=1.22,<1.33
+ARG ORT=onnxruntime-gpu==1.31.1
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # Tools from apt only when the image lacks them (the CUDA images have no python3, cmake or g++).

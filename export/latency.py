@@ -619,6 +619,18 @@ def _gpu_driver() -> str | None:
         return None
 
 
+def ort_build() -> dict[str, Any]:
+    """Which ONNX Runtime package this is and the CUDA major its CUDA provider was built for (None: CPU-only)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return {}
+    return {
+        "package": getattr(info, "package_name", None),
+        "cuda_version": getattr(info, "cuda_version", None),
+    }
+
+
 def runtime_environment() -> dict[str, Any]:
     """What timings were measured on: CPU, threads, runtime versions, GPU and driver when present."""
     import onnx
@@ -636,6 +648,7 @@ def runtime_environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "onnx": onnx.__version__,
         "onnxruntime": ort.__version__,
+        "onnxruntime_build": ort_build(),
         "ort_available_providers": ort.get_available_providers(),
         "cuda_available": torch.cuda.is_available(),
         "cuda": torch.version.cuda,

@@ -42,7 +42,25 @@ def cuda_missing() -> str | None:
         missing.append(f"torch {torch.__version__} ({build}) sees no CUDA device")
     if CUDA not in ort.get_available_providers():
         missing.append(f"onnxruntime {ort.__version__} has no {CUDA} (install onnxruntime-gpu)")
+    elif (mismatch := cuda_major_mismatch()) is not None:
+        missing.append(mismatch)
     return "; ".join(missing) or None
+
+
+def cuda_major_mismatch() -> str | None:
+    """One line when ONNX Runtime's CUDA provider was built for another CUDA major than torch's CUDA build: the
+    provider then cannot load its libraries (libcudart.so.13 beside torch's .so.12) although ORT lists it."""
+    import torch
+
+    from capsbench.export.latency import ort_build
+
+    ort_cuda, torch_cuda = ort_build().get("cuda_version"), torch.version.cuda
+    if not ort_cuda or not torch_cuda or ort_cuda.split(".")[0] == torch_cuda.split(".")[0]:
+        return None
+    return (
+        f"onnxruntime's CUDA provider is built for CUDA {ort_cuda}, torch for CUDA {torch_cuda}: install the "
+        f"onnxruntime-gpu build for CUDA {torch_cuda.split('.')[0]} (or the torch build for CUDA {ort_cuda.split('.')[0]})"
+    )
 
 
 def _torch() -> dict[str, Any]:
@@ -100,10 +118,13 @@ def _probe_session(available: list[str]) -> dict[str, Any]:
 def _onnxruntime() -> dict[str, Any]:
     import onnxruntime as ort
 
+    from capsbench.export.latency import ort_build
+
     available = ort.get_available_providers()
     return {
         "version": ort.__version__,
         "package_device": ort.get_device(),  # "GPU" for onnxruntime-gpu, whether or not a GPU is present
+        "build": ort_build(),  # the package and the CUDA major its CUDA provider needs
         "available_providers": available,
         "session": _probe_session(available),
     }

@@ -55,31 +55,32 @@ PRUNE_FILE = "prune.json"
 HEALTH_PRUNED_FILE = "health_pruned.json"
 HEALTH_INIT_FILE = "health_init.json"  # the config's net at initialisation, BatchNorm on batch statistics
 VERDICTS_FILE = "verdicts.json"  # run level: the paper's claims tested on the run's results
-LOCK_FILE = ".capsbench.lock"  # run level: held by the one command writing the run folder
+LOCKS_DIR = ".locks"  # run level: runs/<run-id>/.locks/<config-id>.lock and run.lock
 
 
 class RunFolderBusy(CheckpointError):
-    """Another capsbench process is writing this run folder."""
+    """Another capsbench process is working on this config (or on the run's own files)."""
 
 
 @contextlib.contextmanager
-def run_folder_lock(run_dir: Path) -> Iterator[None]:
-    """One writer per run folder: an exclusive flock on runs/<run-id>/.capsbench.lock for as long as a
-    command works there. The kernel drops it when the holder exits however it exits (SIGKILL included), so
-    a lock left by a killed run never blocks the next one. The file holds the holder's pid and start time,
-    for the second command's message."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+def folder_lock(run_dir: Path, name: str, *, wait: bool = False) -> Iterator[None]:
+    """One writer at a time: an exclusive flock on runs/<run-id>/.locks/<name>.lock, `name` a config id (held
+    while a command works on that config's folder) or "run" (held while run.json, verdicts.json or the report
+    are written). Without `wait` a lock held by another process raises RunFolderBusy at once. The kernel drops
+    a lock when its holder exits however it exits (SIGKILL included), so a killed run never blocks the next.
+    The file holds the holder's pid and start time, for the other command's message."""
+    locks = Path(run_dir) / LOCKS_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            what = "the run's own files" if name == "run" else f"config {name}"
             raise RunFolderBusy(
-                f"{run_dir}: another capsbench is writing this run folder ({holder}); wait for it to finish, "
-                "or give this command another --run-id"
+                f"{run_dir}: another capsbench is working on {what} ({holder}); wait for it to finish, or "
+                "give this command other --configs or another --run-id"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)

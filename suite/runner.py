@@ -189,6 +189,15 @@ def run_config(
 ) -> Outcome:
     """The per-config stages among `names` for one config, recorded in its pipeline.json (merged with what
     earlier commands recorded there) and error.txt. Every executor runs configs through this function."""
+    try:
+        with rundir.folder_lock(run_dir, cfg.id):  # one writer per config folder
+            return _run_config_locked(cfg, names, run_dir, settings, data_dir, log, shared, splits)
+    except rundir.RunFolderBusy as e:  # another process is on it: nothing here is touched
+        log(f"    {cfg.id}: {e}")
+        return Outcome({"config_id": cfg.id, "label": cfg.label}, failures=[Failure(cfg.id, "lock", e)])
+
+
+def _run_config_locked(cfg, names, run_dir, settings, data_dir, log, shared, splits) -> Outcome:
     selected = [s for s in stages.select(names) if not s.per_run]
     splits = splits or SplitsCache(data_dir)
     out = config_dir(run_dir, cfg)
@@ -250,15 +259,11 @@ def run(
 ) -> RunResult:
     """The stages `names` for every config, then the run-level ones; returns records, results and failures.
     `executor` runs the configs (suite/executors/: in this process one after another by default, or on Ray).
-    The run folder is locked meanwhile: a second command on it is refused (rundir.RunFolderBusy)."""
-    run_dir, settings = Path(run_dir), settings or Settings()
-    with rundir.run_folder_lock(run_dir):  # one writer per run folder
-        return _run_locked(configs, run_dir, names, settings, data_dir, run_info, log, executor)
-
-
-def _run_locked(configs, run_dir, names, settings, data_dir, run_info, log, executor) -> RunResult:
+    One writer at a time: a config another process is working on is refused (recorded as that config's
+    failure, rundir.RunFolderBusy), and run.json and the run-level stages are written under the run's lock."""
     from capsbench.suite.executors import local
 
+    run_dir, settings = Path(run_dir), settings or Settings()
     selected = stages.select(names)
     device = pick_device(settings.device)
     result, shared = RunResult(run_dir), {}
@@ -279,6 +284,13 @@ def _run_locked(configs, run_dir, names, settings, data_dir, run_info, log, exec
         result.records.append(outcome.record)
         result.results.setdefault(cfg.id, {}).update(outcome.outputs)
         result.failures.extend(outcome.failures)
+    with rundir.folder_lock(run_dir, "run", wait=True):  # other processes' configs finish meanwhile
+        _run_level(run_dir, result, selected, settings, run_info, device, log, shared)
+    return result
+
+
+def _run_level(run_dir, result, selected, settings, run_info, device, log, shared) -> None:
+    """run.json, then the run-level stages (verdicts, report), under the run's lock."""
     _update_run_file(run_dir, result, run_info or {}, device)  # before the report, which reads it
     for stage in (s for s in selected if s.per_run):
         ctx = Context(None, run_dir, run_dir, settings, lambda: None, device, log, shared)  # type: ignore[arg-type]
@@ -288,4 +300,3 @@ def _run_locked(configs, run_dir, names, settings, data_dir, run_info, log, exec
         else:
             result.failures.append(Failure(None, stage.name, value))
             rundir.atomic_write(run_dir / ERROR_FILE, lambda f, t=tb: f.write("\n".join(t)))
-    return result

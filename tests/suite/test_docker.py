@@ -101,11 +101,27 @@ def test_the_build_context_is_this_checkout_from_any_folder(tmp_path, monkeypatc
     assert dk.source_root() == REPO
 
 
+def test_onnxruntime_is_pinned_to_one_version_everywhere():
+    """pyproject, the image's default and CI's CPU-only image name one ONNX Runtime release: a range let pip take
+    a build for another CUDA major than the one torch brings."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"onnxruntime-gpu=={dk.ORT_VERSION}" in deps and "onnx==1.23.2" in deps
+    assert (
+        f"onnxruntime-gpu=={dk.ORT_VERSION}" == dk.ORT_GPU and f"onnxruntime=={dk.ORT_VERSION}" == dk.ORT_CPU
+    )
+    assert f"ARG ORT={dk.ORT_GPU}\n" in (REPO / "Dockerfile").read_text()
+    import onnxruntime
+
+    assert onnxruntime.__version__ == dk.ORT_VERSION  # what scripts/install.sh installed here
+
+
 def test_image_requirements_swap_onnxruntime_gpu_for_the_chosen_runtime():
     reqs = dk.image_requirements(REPO, torch="torch==2.13.0", ort="onnxruntime")
     assert reqs[0] == "torch==2.13.0" and "onnxruntime" in reqs
     assert not any(r.startswith(("onnxruntime-gpu", "torch>")) for r in reqs)
-    assert any(r.startswith("onnx>") for r in reqs) and any(r.startswith("docker") for r in reqs)
+    assert "onnx==1.23.2" in reqs and any(r.startswith("docker") for r in reqs)
 
 
 def test_gpu_requests_ask_for_every_gpu_or_none():
@@ -181,7 +197,7 @@ def image(docker_client) -> str:
             )
         _install_tools()  # debootstrap
     t0 = time.perf_counter()
-    dk.build_image(tag=TAG, offline=True, ort="onnxruntime", context=REPO, c=docker_client, log=print)
+    dk.build_image(tag=TAG, offline=True, ort=dk.ORT_CPU, context=REPO, c=docker_client, log=print)
     print(f"image {TAG} ready in {time.perf_counter() - t0:.0f} s")
     return TAG
 

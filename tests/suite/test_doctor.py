@@ -44,3 +44,20 @@ def test_doctor_on_a_cpu_machine_says_cpu_and_why_cuda_checks_cannot_run(capsys,
     r = json.loads(out)
     assert r["onnxruntime"]["session"]["provider"] == "CPUExecutionProvider"
     assert r["torch"]["gpus"] == [] and r["will_use"]["docker_gpus"] is False
+
+
+def test_a_cuda_major_mismatch_between_onnxruntime_and_torch_is_named(monkeypatch):
+    """onnxruntime-gpu 1.31 is a CUDA 13 build; beside a CUDA 12 torch its provider cannot load although ORT lists
+    it. doctor's CUDA check names the mismatch instead of saying ready."""
+    import torch
+
+    from capsbench.export import latency
+    from capsbench.suite import doctor
+
+    monkeypatch.setattr(latency, "ort_build", lambda: {"package": "onnxruntime-gpu", "cuda_version": "13.0"})
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "built for CUDA 13.0, torch for CUDA 12.8" in doctor.cuda_major_mismatch()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert doctor.cuda_major_mismatch() is None
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch: nothing to mismatch
+    assert doctor.cuda_major_mismatch() is None

@@ -433,33 +433,58 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
 # ------------------------------------------------------------------------------- one writer per run folder
 
 
-def test_a_second_command_on_a_run_folder_in_use_is_refused_and_a_killed_holder_does_not_block(
-    run_copy, fashion_data_dir, capsys
-):
+def _hold(run_dir: Path, name: str) -> subprocess.Popen:
+    """Another process holding the run folder's lock `name` (a config id, or "run") until killed."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from capsbench.suite.rundir import run_folder_lock\n"
-            "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
-            str(run_copy),
+            "import sys, time; from capsbench.suite.rundir import folder_lock\n"
+            "with folder_lock(sys.argv[1], sys.argv[2]):\n    print('locked', flush=True); time.sleep(600)",
+            str(run_dir),
+            name,
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_config_another_command_is_working_on_is_refused_and_a_killed_holder_does_not_block(
+    run_copy, fashion_data_dir, capsys
+):
+    holder = _hold(run_copy, CFG.id)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        before = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()}
+
+        def results():  # every file of the run but the locks themselves
+            return {
+                p: p.stat().st_mtime_ns
+                for p in run_copy.rglob("*")
+                if p.is_file() and ".locks" not in p.parts
+            }
+
+        before = results()
         capsys.readouterr()
         assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export", "--force") == 2
         err = capsys.readouterr().err.strip()
-        assert "another capsbench is writing this run folder" in err and f"pid {holder.pid}" in err, err
-        assert len(err.splitlines()) == 1
-        assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*") if p.is_file()} == before
+        assert f"another capsbench is working on config {CFG.id}" in err and f"pid {holder.pid}" in err, err
+        assert "Traceback" not in err
+        assert results() == before
     finally:
         holder.send_signal(signal.SIGKILL)  # a holder killed without a chance to clean up
         holder.wait()
     assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0  # the kernel freed it
+
+
+def test_work_on_other_configs_of_the_run_goes_on_beside_it(run_copy, fashion_data_dir):
+    """The sharded workflow of docs/gpu-docker-ray.md: processes on different configs of one run folder."""
+    holder = _hold(run_copy, "some-other-config")
+    try:
+        assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 def _children(pid: int) -> list[int]:
