@@ -28,6 +28,30 @@ def pick_device(requested: str | None = None) -> torch.device:
     return dev
 
 
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot work here, else None: Inductor builds its CPU kernels with a C++ compiler and
+    Triton its launcher with a C compiler and Python's headers, at run time (the container's final stage ships
+    none of them)."""
+    import shutil
+    import sysconfig
+
+    missing = [
+        what
+        for what, names in (
+            ("a C compiler", ("cc", "gcc", "clang")),
+            ("a C++ compiler", ("c++", "g++", "clang++")),
+        )
+        if not any(
+            shutil.which(n) for n in ((os.environ.get("CC"),) if what == "a C compiler" else ()) + names if n
+        )
+    ]
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("Python's headers (Python.h)")
+    if not missing:
+        return None
+    return f"torch.compile needs {', '.join(missing)} at run time, and this machine has none"
+
+
 @lru_cache(maxsize=4)
 def git_commit(root: Path | None = None) -> str | None:
     """The commit of the checkout at `root` (default: this package's), else $CAPSBENCH_GIT_COMMIT, else None."""

@@ -373,10 +373,14 @@ def train(
 
 def auto_compile(eager_step_times: list[float], steps_left: int) -> dict:
     """The auto policy's decision from the timed eager steps, with the figures it was made on."""
+    from capsbench.suite.env import compile_unavailable
+
     step_s = statistics.median(eager_step_times)
+    unavailable = compile_unavailable()
     return {
         "policy": "auto",
-        "compiled": compile_pays(steps_left, step_s),
+        "compiled": compile_pays(steps_left, step_s) and unavailable is None,
+        **({"unavailable": unavailable} if unavailable else {}),
         "eager_step_s": step_s,
         "steps_left": steps_left,
         "estimated_saving_s": steps_left * step_s * AUTO_COMPILE_SAVING,

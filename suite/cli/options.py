@@ -143,10 +143,13 @@ def add_training(p: argparse.ArgumentParser, compile_flag: str = "--compile") ->
 
 def training_settings(args: argparse.Namespace) -> dict:
     """The runner settings' training parts from `add_training`'s options."""
-    return {
-        "compile_mode": None if args.train_compile == "off" else args.train_compile,
-        "precision": args.precision,
-    }
+    mode = None if args.train_compile == "off" else args.train_compile
+    if mode not in (None, "auto"):
+        from capsbench.suite.env import compile_unavailable
+
+        if (why := compile_unavailable()) is not None:
+            raise ConfigError(f"--compile {mode}: {why}; train eager (off) or with the auto policy")
+    return {"compile_mode": mode, "precision": args.precision}
 
 
 def add_timing(p: argparse.ArgumentParser) -> None:
@@ -263,6 +266,11 @@ def time_settings(args: argparse.Namespace):
     if given.get("min_rounds") is None and preset is not None:
         given["min_rounds"] = preset.time_min_rounds
     given["batch_sizes"] = tuple(given["batch_sizes"])
+    if given.get("compile"):
+        from capsbench.suite.env import compile_unavailable
+
+        if (why := compile_unavailable()) is not None:
+            raise ConfigError(f"--compile: {why}; time without it")
     return TimeSettings(**given)
 
 

@@ -4,6 +4,7 @@ compiled after the timed first steps where it does."""
 import pytest
 
 from capsbench.suite import train as training
+from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 
 SHALLOW = next(c for c in get_preset("smoke").configs() if c.model.depth == 0).replace(
@@ -51,3 +52,26 @@ def test_auto_compiles_midway_when_it_pays_and_trains_like_eager(tmp_path, fashi
     assert auto["compile"]["compiled"] is True
     assert auto["history"][0]["train_loss"] == pytest.approx(off["history"][0]["train_loss"], rel=1e-3)
     assert abs(auto["history"][0]["test_acc"] - off["history"][0]["test_acc"]) <= 0.01
+
+
+def test_without_compilers_explicit_compile_is_refused_in_one_line_and_auto_trains_eager(monkeypatch, capsys):
+    """The container's final stage has no C/C++ compiler: torch.compile would fail at its first call, deep in a
+    run. Asked for explicitly it is refused before anything runs; the auto policy records why it stays eager."""
+    import shutil
+
+    from capsbench.suite.env import compile_unavailable
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CC", raising=False)
+    why = compile_unavailable()
+    assert why is not None and "a C compiler" in why and "a C++ compiler" in why
+    for argv in (
+        ["train", "--preset", "smoke", "--compile", "default", "--runs-dir", "/nonexistent"],
+        ["time", "--preset", "smoke", "--compile", "--runs-dir", "/nonexistent"],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "torch.compile needs" in err and len(err.splitlines()) == 1, err
+    decision = training.auto_compile([10.0] * 3, steps_left=10_000)  # a saving that would pay many times over
+    assert decision["compiled"] is False and "torch.compile needs" in decision["unavailable"]
