@@ -306,17 +306,59 @@ def make_session(
     return OrtSession(session=session, path=path, provider=used, info=info)
 
 
-def node_placement(path: str | Path, images: np.ndarray, **session_kwargs: Any) -> dict[str, int]:
-    """Kernels per execution provider in one profiled run: nodes silently left on CPU show up here."""
+# Ops that ORT's CUDA provider may leave on CPU when they only compute shapes (ints the next kernel reads from
+# host memory): harmless for CUDA graphs as long as no Memcpy node moves tensor data between the devices.
+SHAPE_OPS = frozenset(
+    {"Shape", "Size", "Concat", "Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "ConstantOfShape", "Range"}
+)
+
+
+def placement_by_op(path: str | Path, images: np.ndarray, **session_kwargs: Any) -> dict[str, dict[str, int]]:
+    """provider -> op type -> kernels in one profiled run: nodes silently left on CPU show up here, by name."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         s = make_session(path, _profile_prefix=str(Path(tmp) / "placement"), **session_kwargs)
         s.run(images)
         events = json.loads(Path(s.session.end_profiling()).read_text())
-    counts = Counter(
-        e["args"].get("provider", "?")
-        for e in events
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-    )
-    return dict(counts)
+    out: dict[str, dict[str, int]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            ops = out.setdefault(e["args"].get("provider", "?"), {})
+            op = e["args"].get("op_name", "?")
+            ops[op] = ops.get(op, 0) + 1
+    return out
+
+
+def node_placement(path: str | Path, images: np.ndarray, **session_kwargs: Any) -> dict[str, int]:
+    """Kernels per execution provider in one profiled run."""
+    by_op = placement_by_op(path, images, **session_kwargs)
+    return dict(Counter({p: sum(ops.values()) for p, ops in by_op.items()}))
+
+
+def placement_summary(by_op: dict[str, dict[str, int]], provider: str = CUDA) -> dict[str, Any]:
+    """Kernels per provider; whether every node, and every compute node, ran on `provider` (an ORT provider
+    name), and if not, `problem`: one line saying what ran elsewhere (None when all compute ran there)."""
+    off = {op: n for p, ops in by_op.items() if p != provider for op, n in ops.items()}
+    memcpy = sum(n for ops in by_op.values() for op, n in ops.items() if op.startswith("Memcpy"))
+    compute_off = {op: n for op, n in off.items() if op not in SHAPE_OPS and not op.startswith("Memcpy")}
+    all_compute = not compute_off and memcpy == 0 and provider in by_op
+    problem = None
+    if not all_compute:
+        parts = []
+        if compute_off:
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(compute_off.items()))
+            parts.append(f"compute nodes off {provider}: {listed}")
+        if memcpy:
+            parts.append(f"{memcpy} Memcpy node(s) moved data between devices")
+        if provider not in by_op:
+            parts.append(f"no node ran on {provider}")
+        problem = "; ".join(parts)
+    return {
+        "node_placement": {p: sum(ops.values()) for p, ops in by_op.items()},
+        "ops_off_cuda" if provider == CUDA else "ops_off_provider": off,
+        "memcpy_nodes": memcpy,
+        "all_nodes_on_cuda" if provider == CUDA else "all_nodes_on_provider": not off and memcpy == 0,
+        "all_compute_on_cuda" if provider == CUDA else "all_compute_on_provider": all_compute,
+        "problem": problem,
+    }

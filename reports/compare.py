@@ -109,6 +109,12 @@ def latency_gate(
     to tell at this tolerance: never a regression); 'unstable' when any measurement involved is marked
     unstable; 'not_gated' without raw samples. Terms with a group (a third element) are rows timed in the same
     rounds, resampled together (see `ratio_interval`)."""
+    if any(r.get("placement_ok") is False for r, *_ in terms):
+        problem = next(r.get("placement_problem") for r, *_ in terms if r.get("placement_ok") is False)
+        return {
+            "status": "not_gated",
+            "noise": f"ONNX Runtime ran partly off its device ({problem}), not gated",
+        }
     if any(r.get("stable") is False for r, *_ in terms):
         return {"status": "unstable", "noise": "unstable measurement, not gated"}
     if not all(r.get("samples_ms") for r, *_ in terms):

@@ -18,14 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from capsbench.export.sessions import SHAPE_OPS, placement_by_op, placement_summary  # noqa: F401 (tests use them)
+
 KIND = "gpu_check"
 DEFAULT_BATCHES = (1, 64)
 NUM_CLASSES = 10
-# Ops that ORT's CUDA provider may leave on CPU when they only compute shapes (ints the next kernel reads from
-# host memory): harmless for CUDA graphs as long as no Memcpy node moves tensor data between the devices.
-SHAPE_OPS = frozenset(
-    {"Shape", "Size", "Concat", "Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "ConstantOfShape", "Range"}
-)
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -101,41 +98,6 @@ def train_figures(cfg, data_dir: Path | None, device: torch.device, images: int,
 # ----------------------------------------------------------------------------------------------- latency
 
 
-def placement_by_op(path: Path, images: np.ndarray, provider: str) -> dict[str, dict[str, int]]:
-    """provider -> op type -> kernels in one profiled run (export.sessions.node_placement, split by op type so
-    the nodes off CUDA can be named)."""
-    import json
-
-    from capsbench.export import make_session
-
-    with tempfile.TemporaryDirectory() as tmp:
-        s = make_session(path, provider, _profile_prefix=str(Path(tmp) / "placement"))
-        s.run(images)
-        events = json.loads(Path(s.session.end_profiling()).read_text())
-    out: dict[str, dict[str, int]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            ops = out.setdefault(e["args"].get("provider", "?"), {})
-            op = e["args"].get("op_name", "?")
-            ops[op] = ops.get(op, 0) + 1
-    return out
-
-
-def placement_summary(by_op: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """Kernels per provider; whether every node, and every compute node, ran on CUDA."""
-    from capsbench.export.sessions import CUDA
-
-    off_cuda = {op: n for p, ops in by_op.items() if p != CUDA for op, n in ops.items()}
-    memcpy = sum(n for ops in by_op.values() for op, n in ops.items() if op.startswith("Memcpy"))
-    return {
-        "node_placement": {p: sum(ops.values()) for p, ops in by_op.items()},
-        "ops_off_cuda": off_cuda,
-        "memcpy_nodes": memcpy,
-        "all_nodes_on_cuda": not off_cuda and memcpy == 0,
-        "all_compute_on_cuda": set(off_cuda) <= SHAPE_OPS and memcpy == 0 and CUDA in by_op,
-    }
-
-
 def latency_figures(
     model: torch.nn.Module,
     onnx_path: Path,
@@ -162,7 +124,7 @@ def latency_figures(
         except ParityError as e:
             par = {**getattr(e, "result", {}), "passed": False, "error": str(e)}
     x = images.numpy()
-    placement = placement_summary(placement_by_op(onnx_path, x[:1], provider))
+    placement = placement_summary(placement_by_op(onnx_path, x[:1], provider=provider))
     # On CUDA the session's runner binds inputs and outputs to device buffers (IOBinding): no copy is timed.
     backends: dict[str, harness.Prepare] = {f"ort_{provider}": harness.ort_backend(session)}
     if cuda:  # a captured graph has fixed shapes: one session per batch size

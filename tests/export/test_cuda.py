@@ -48,7 +48,7 @@ def test_iobinding_keeps_inputs_and_outputs_on_the_gpu(exported, fashion):
 def test_cuda_graph_runs_every_node_on_cuda_and_replays_new_inputs(exported, fashion):
     path = exported["deep"].path
     x, y = fashion["test_x"][:4].numpy(), fashion["test_x"][4:8].numpy()
-    placement = placement_summary(placement_by_op(path, x[:1], "cuda"))
+    placement = placement_summary(placement_by_op(path, x[:1], provider="cuda"))
     # Shape arithmetic (ints read from host memory) may stay on CPU; no tensor may cross between devices.
     assert placement["all_compute_on_cuda"], f"off the CUDA provider: {placement}"
 

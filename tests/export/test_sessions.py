@@ -83,3 +83,29 @@ def test_iobinding_runner_fills_fixed_output_buffers(exported, fashion):
     (again,) = run()
     assert again is first  # the same buffer every run
     np.testing.assert_array_equal(first.numpy(), s.run(images))
+
+
+def test_placement_names_what_ran_off_the_provider_and_check_does_not_gate_such_a_row():
+    """Placement known by construction: shape ops on the CPU beside a CUDA graph are fine; a compute node or a
+    Memcpy off CUDA is said, and a row timed so is never gated as ort_cuda (issue 22)."""
+    from capsbench.export.sessions import placement_summary
+    from capsbench.reports.compare import latency_gate
+
+    fine = placement_summary({CUDA: {"Conv": 3, "MatMul": 4}, CPU: {"Shape": 2, "Gather": 1}})
+    assert fine["all_compute_on_cuda"] and fine["problem"] is None and not fine["all_nodes_on_cuda"]
+    bad = placement_summary({CUDA: {"Conv": 3, "MemcpyToHost": 1}, CPU: {"Softmax": 2, "Shape": 1}})
+    assert not bad["all_compute_on_cuda"]
+    assert bad["problem"] == (
+        f"compute nodes off {CUDA}: Softmax x2; 1 Memcpy node(s) moved data between devices"
+    )
+    row = {"samples_ms": [1.0] * 10, "stable": True, "placement_ok": False, "placement_problem": bad["problem"]}
+    verdict = latency_gate([(row, 1), ({"samples_ms": [1.0] * 10, "stable": True}, -1)], 0.2, True)
+    assert verdict["status"] == "not_gated" and "Softmax x2" in verdict["noise"]
+
+
+def test_a_real_cpu_session_runs_every_node_on_its_provider(exported, fashion):
+    from capsbench.export.sessions import placement_by_op, placement_summary
+
+    by_op = placement_by_op(exported["deep"].path, fashion["test_x"][:1].numpy(), provider="cpu")
+    s = placement_summary(by_op, CPU)
+    assert s["problem"] is None and s["all_compute_on_provider"] and "Conv" in by_op[CPU]

@@ -82,7 +82,7 @@ def test_placement_by_op_counts_the_same_kernels_as_node_placement(tmp_path):
     path = tmp_path / "m.onnx"
     x = torch.rand(2, 1, 28, 28)
     export_onnx(model, path, x)
-    by_op = placement_by_op(path, x[:1].numpy(), "cpu")
+    by_op = placement_by_op(path, x[:1].numpy(), provider="cpu")
     assert {p: sum(ops.values()) for p, ops in by_op.items()} == node_placement(
         path, x[:1].numpy(), provider="cpu"
     )
