@@ -38,7 +38,7 @@ def run(tmp_path_factory, fashion_data_dir):
         *TINY,
     ]
     assert main(["train", *common, "--no-progress"]) == 0
-    (folder,) = [p for p in (runs / "smoke").iterdir() if p.is_dir()]
+    (folder,) = [p for p in (runs / "smoke").iterdir() if (p / "config.json").is_file()]  # not .locks/
     cfg_id = folder.name
     state = training.read_checkpoint(
         CFG.replace(train_subset=64, eval_subset=32, epochs=1), folder / "checkpoint.pt"

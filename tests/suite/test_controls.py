@@ -24,7 +24,7 @@ def run(tmp_path_factory, fashion_data_dir):
     args += ["--keep-intermediate"]  # the tests below read surgery.pt
     assert main(args) == 0
     run_dir = runs / "depth"
-    (folder,) = [d for d in run_dir.iterdir() if d.is_dir()]
+    (folder,) = [d for d in run_dir.iterdir() if (d / "config.json").is_file()]  # not .locks/
     prunes = {p.parent.name: read_result(p, "prune") for p in folder.glob("prune_*/prune.json")}
     return runs, run_dir, folder, prunes
 
