@@ -98,7 +98,12 @@ def test_placement_names_what_ran_off_the_provider_and_check_does_not_gate_such_
     assert bad["problem"] == (
         f"compute nodes off {CUDA}: Softmax x2; 1 Memcpy node(s) moved data between devices"
     )
-    row = {"samples_ms": [1.0] * 10, "stable": True, "placement_ok": False, "placement_problem": bad["problem"]}
+    row = {
+        "samples_ms": [1.0] * 10,
+        "stable": True,
+        "placement_ok": False,
+        "placement_problem": bad["problem"],
+    }
     verdict = latency_gate([(row, 1), ({"samples_ms": [1.0] * 10, "stable": True}, -1)], 0.2, True)
     assert verdict["status"] == "not_gated" and "Softmax x2" in verdict["noise"]
 

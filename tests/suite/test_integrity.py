@@ -499,6 +499,13 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -535,7 +542,9 @@ def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
         for line in proc.stdout:  # the round's own progress: its worker is timing now
             if "batch" in line or "threads" in line:
                 break
-        workers = [p for p in _children(proc.pid) if _alive(p)]
+        # the round's worker, not multiprocessing's resource tracker (which leaves on its own once its parent
+        # has gone, in its own time)
+        workers = [p for p in _children(proc.pid) if _alive(p) and b"spawn_main" in _cmdline(p)]
         assert workers, "no worker process found"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=300) == 130  # a hang here is the bug: 300 s is half the worker's timing
@@ -543,6 +552,9 @@ def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
         proc.kill()
         proc.wait()
     assert "interrupted" in proc.stderr.read()
+    deadline = time.time() + 60  # killed, it is gone at once; a slow machine may take a moment to reap it
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
     assert not any(_alive(p) for p in workers)
     assert not (run_copy / CFG.id / rundir.LATENCY_FILE).exists()
 
