@@ -238,8 +238,8 @@ def time_backend(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Time `run_fn` (one batch per call): the first call alone (compilation, cuDNN search land there; a CUDA
-    graph is captured before, see `graph_backend`), then warmup - 1 more untimed calls, then `iters` timed calls. `sync` runs inside
-    each timed call (torch.cuda.synchronize, IOBinding output sync) so asynchronous work is counted.
+    graph is captured before, see `graph_backend`), then warmup - 1 more untimed calls, then `iters` timed
+    calls. `sync` runs inside each timed call (torch.cuda.synchronize, IOBinding output sync) so asynchronous work is counted.
     `max_seconds` stops warm-up and timing early (after at least `min_iters` timed calls) for slow backends.
 
     An unstable measurement (see `stability`, or one timed while other processes took the cores, see
@@ -587,20 +587,33 @@ def cpu_isa() -> list[str]:
     return []
 
 
-def machine_line(threads: int | None = None) -> str:
-    """One line for logs: CPU, its ISA extensions, and its fp32 GEMM rate measured now (about 2 s)."""
-    old = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        g = gemm_gflops()
-    finally:
-        torch.set_num_threads(old)
-    flags = ", ".join(cpu_isa()) or "unknown"
-    spread = f"IQR/median {g['iqr_rel']:.2f}" + ("" if g["stable"] else f", unstable: {g['unstable_reason']}")
+def machine_info() -> dict[str, Any]:
+    """The CPU, its ISA extensions (bf16 is emulated without avx512_bf16/amx_bf16) and its fp32 GEMM rate
+    measured now (about 2 s): what every timing of this machine is to be read beside."""
+    g = gemm_gflops()
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "isa": cpu_isa(),
+        "gemm_gflops_per_s": round(g["gflops_per_s"], 1),
+        "gemm_n": g["n"],
+        "gemm_threads": g["threads"],
+        "gemm_iqr_rel": g["iqr_rel"],
+        "gemm_stable": g["stable"],
+        "gemm_unstable_reason": g["unstable_reason"],
+    }
+
+
+def machine_line(m: dict[str, Any] | None = None) -> str:
+    """`machine_info` (measured now unless given) as one line for logs."""
+    m = m or machine_info()
+    spread = f"IQR/median {m['gemm_iqr_rel']:.2f}" + (
+        "" if m["gemm_stable"] else f", unstable: {m['gemm_unstable_reason']}"
+    )
     return (
-        f"{cpu_model()} ({os.cpu_count()} CPUs; {flags}); fp32 GEMM {g['gflops_per_s']:.0f} GFLOP/s "
-        f"({g['n']}x{g['n']} matmul, {g['threads']} threads, {spread})"
+        f"{m['cpu']} ({m['cpus']} CPUs; {', '.join(m['isa']) or 'unknown'}); fp32 GEMM "
+        f"{m['gemm_gflops_per_s']:.0f} GFLOP/s ({m['gemm_n']}x{m['gemm_n']} matmul, {m['gemm_threads']} threads, "
+        f"{spread})"
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,8 +331,7 @@ def placement_by_op(path: str | Path, images: np.ndarray, **session_kwargs: Any)
 
 def node_placement(path: str | Path, images: np.ndarray, **session_kwargs: Any) -> dict[str, int]:
     """Kernels per execution provider in one profiled run."""
-    by_op = placement_by_op(path, images, **session_kwargs)
-    return dict(Counter({p: sum(ops.values()) for p, ops in by_op.items()}))
+    return {p: sum(ops.values()) for p, ops in placement_by_op(path, images, **session_kwargs).items()}
 
 
 def placement_summary(by_op: dict[str, dict[str, int]], provider: str = CUDA) -> dict[str, Any]:

@@ -4,7 +4,6 @@ toolchain, Docker and its GPU runtime, datasets) and what capsbench will use her
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -176,32 +175,17 @@ def _datasets(data_dir: str | Path | None) -> dict[str, Any]:
     }
 
 
-def _machine() -> dict[str, Any]:
-    """The CPU, its ISA extensions (bf16 training is emulated without avx512_bf16/amx_bf16) and its fp32 GEMM
-    rate measured now: the figure every timing of this machine is to be read beside."""
-    from capsbench.export.latency import cpu_isa, cpu_model, gemm_gflops
-
-    g = gemm_gflops()
-    return {
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "isa": cpu_isa(),
-        "gemm_gflops_per_s": round(g["gflops_per_s"], 1),
-        "gemm_threads": g["threads"],
-        "gemm_stable": g["stable"],
-    }
-
-
 def diagnose(data_dir: str | Path | None = None) -> dict[str, Any]:
     """Everything `capsbench doctor` reports, JSON-ready."""
     from capsbench import __version__
+    from capsbench.export.latency import machine_info
     from capsbench.suite.env import pick_device
 
     report: dict[str, Any] = {
         "capsbench": __version__,
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "platform": platform.platform(),
-        "machine": _machine(),
+        "machine": machine_info(),
         "torch": _torch(),
         "nvidia": _nvidia_driver(),
         "onnxruntime": _onnxruntime(),
@@ -225,6 +209,8 @@ def _yes(flag: bool) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    from capsbench.export.latency import machine_line
+
     t, o, tc, d, ds, use = (
         r["torch"],
         r["onnxruntime"],
@@ -241,9 +227,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"capsbench   {r['capsbench']}  ({r['platform']})",
         f"python      {r['python']['version']}  {r['python']['executable']}",
-        f"machine     {r['machine']['cpu']}, {r['machine']['cpus']} CPUs ({', '.join(r['machine']['isa']) or '-'}); "
-        f"fp32 GEMM {r['machine']['gemm_gflops_per_s']:.0f} GFLOP/s on {r['machine']['gemm_threads']} threads"
-        + ("" if r["machine"]["gemm_stable"] else " (unstable: the machine is busy)"),
+        f"machine     {machine_line(r['machine'])}",
         f"torch       {t['version']} ({cuda}); CUDA available: {_yes(t['cuda_available'])}; GPUs: {gpus}",
         f"cudnn       {t['cudnn'] if t['cudnn'] is not None else 'not available'}",
         f"nvidia      driver: {driver}",

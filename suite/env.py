@@ -35,16 +35,11 @@ def compile_unavailable() -> str | None:
     import shutil
     import sysconfig
 
-    missing = [
-        what
-        for what, names in (
-            ("a C compiler", ("cc", "gcc", "clang")),
-            ("a C++ compiler", ("c++", "g++", "clang++")),
-        )
-        if not any(
-            shutil.which(n) for n in ((os.environ.get("CC"),) if what == "a C compiler" else ()) + names if n
-        )
-    ]
+    compilers = {
+        "a C compiler": (os.environ.get("CC"), "cc", "gcc", "clang"),
+        "a C++ compiler": (os.environ.get("CXX"), "c++", "g++", "clang++"),
+    }
+    missing = [what for what, names in compilers.items() if not any(shutil.which(n) for n in names if n)]
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
         missing.append("Python's headers (Python.h)")
     if not missing:

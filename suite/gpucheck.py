@@ -132,9 +132,8 @@ def latency_figures(
     backends["torch_eager"] = harness.torch_backend(model, device)
     if compile:
         backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
-    with (
-        harness.fp32_torch()
-    ):  # torch in fp32 like ORT (use_tf32=0): the speedups compare the same arithmetic
+    # torch in fp32 like ORT (use_tf32=0): the speedups compare the same arithmetic
+    with harness.fp32_torch():
         rows = harness.sweep(
             backends,
             x,

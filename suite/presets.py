@@ -86,9 +86,8 @@ class Preset:
     # re-initialise the capsule layers, retrain (the paper's code).
     procedure: str = "finetune"
     capsule_criterion: str = "chip"  # how intermediate capsules are chosen (models.pruning.CAPSULE_CRITERIA)
-    controls: tuple[
-        str, ...
-    ] = ()  # run beside every pruning pair (see CONTROLS and docs/presets-and-pruning.md)
+    # run beside every pruning pair (see CONTROLS and docs/presets-and-pruning.md)
+    controls: tuple[str, ...] = ()
     timed_configs: int | None = None  # export and time only the first N configs (None: all)
     # The timing budget (`time` and `all` unless --batch-sizes / --min-rounds): batch sizes (None: the
     # harness's) and the clean rounds that may stop the time stage early when they agree (None: all rounds).

@@ -145,11 +145,16 @@ def training_settings(args: argparse.Namespace) -> dict:
     """The runner settings' training parts from `add_training`'s options."""
     mode = None if args.train_compile == "off" else args.train_compile
     if mode not in (None, "auto"):
-        from capsbench.suite.env import compile_unavailable
-
-        if (why := compile_unavailable()) is not None:
-            raise ConfigError(f"--compile {mode}: {why}; train eager (off) or with the auto policy")
+        _require_compiler(f"--compile {mode}", "train eager (off) or with the auto policy")
     return {"compile_mode": mode, "precision": args.precision}
+
+
+def _require_compiler(option: str, instead: str) -> None:
+    """Refuse an option that needs torch.compile where it cannot build (env.compile_unavailable), in one line."""
+    from capsbench.suite.env import compile_unavailable
+
+    if (why := compile_unavailable()) is not None:
+        raise ConfigError(f"{option}: {why}; {instead}")
 
 
 def add_timing(p: argparse.ArgumentParser) -> None:
@@ -197,8 +202,9 @@ def add_timing(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="stop after N (at least 2) clean rounds when every measurement was stable in each and its median "
-        "moved by at most 10%% between them (default: the preset's; smoke: 2, the others: all --rounds)",
+        help="stop after N (at least 2) clean rounds when every measurement was stable in each and the gated "
+        "figure (ORT's speedup over torch eager; the p50 of rows timed without eager) moved by at most 10%% "
+        "between them (default: the preset's; smoke: 2, the others: all --rounds)",
     )
     p.add_argument(
         "--threads",
@@ -267,10 +273,7 @@ def time_settings(args: argparse.Namespace):
         given["min_rounds"] = preset.time_min_rounds
     given["batch_sizes"] = tuple(given["batch_sizes"])
     if given.get("compile"):
-        from capsbench.suite.env import compile_unavailable
-
-        if (why := compile_unavailable()) is not None:
-            raise ConfigError(f"--compile: {why}; time without it")
+        _require_compiler("--compile", "time without it")
     return TimeSettings(**given)
 
 
