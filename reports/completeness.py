@@ -9,41 +9,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from capsbench import results as R
 from capsbench.reports.load import ReportError, read_json
-from capsbench.suite.rundir import sha256
-
-# The result files of a config folder that `check` compares (reports/compare.py), and the ONNX files whose
-# parity and timing it compares: in one run and not the other, the comparison would silently skip them.
-COMPARED = ("metrics.json", "health.json", "parity.json", "latency.json", "latency_cpp.json")
-VARIANT_FILES = ("model.onnx", "export.json", "parity.json")
-
-
-def _config_dirs(run_dir: Path) -> dict[str, Path]:
-    return {
-        d.name: d for d in sorted(Path(run_dir).iterdir()) if d.is_dir() and (d / "config.json").is_file()
-    }
 
 
 def _present(folder: Path) -> set[str]:
     """The compared files of one config folder, with the variants' (prune_*/...) files."""
-    found = {name for name in COMPARED if (folder / name).is_file()}
-    for sub in sorted(folder.glob("prune_*/")):
-        found |= {f"{sub.name}/{n}" for n in VARIANT_FILES if (sub / n).is_file()}
-    return found | {n for n in VARIANT_FILES if (folder / n).is_file()}
+    found = {name for name in R.COMPARED if (folder / name).is_file()}
+    for sub in R.prune_dirs(folder):
+        found |= {f"{sub.name}/{n}" for n in R.VARIANT_FILES if (sub / n).is_file()}
+    return found | {n for n in R.VARIANT_FILES if (folder / n).is_file()}
 
 
 def _problems_of_run(run_dir: Path) -> list[str]:
     """Failed stages (pipeline.json) and ONNX files that are not the ones their export recorded."""
     problems = []
-    for cid, folder in _config_dirs(run_dir).items():
-        pipeline = read_json(folder / "pipeline.json", "pipeline") or {}
+    for cid, folder in R.config_dirs(run_dir).items():
+        pipeline = read_json(folder / R.PIPELINE_FILE, "pipeline") or {}
         failed = [k for k, v in pipeline.items() if isinstance(v, dict) and v.get("status") == "failed"]
         if failed:
             problems.append(f"{run_dir}: config {cid}: stage {', '.join(failed)} failed (pipeline.json)")
-        for export in [folder / "export.json", *sorted(folder.glob("prune_*/export.json"))]:
+        for export in [folder / R.EXPORT_FILE, *sorted(folder.glob(R.in_pruned(R.EXPORT_FILE)))]:
             info = read_json(export, "export")
-            onnx = export.parent / "model.onnx"
-            if info is not None and onnx.is_file() and info.get("onnx_sha256") != sha256(onnx):
+            onnx = export.parent / R.ONNX_FILE
+            if info is not None and onnx.is_file() and info.get("onnx_sha256") != R.sha256(onnx):
                 problems.append(f"{onnx}: not the file its export recorded (sha256 differs from export.json)")
     return problems
 
@@ -55,7 +44,7 @@ def completeness_problems(run_dir: Path, baseline_dir: Path) -> list[str]:
         if not d.is_dir():
             raise ReportError(f"{d}: no such run folder")
     problems = _problems_of_run(run_dir) + _problems_of_run(baseline_dir)
-    cur, base = _config_dirs(run_dir), _config_dirs(baseline_dir)
+    cur, base = R.config_dirs(run_dir), R.config_dirs(baseline_dir)
     for cid in sorted(set(cur) & set(base)):
         have, want = _present(cur[cid]), _present(base[cid])
         if missing := sorted(want - have):

@@ -1,6 +1,7 @@
 """Reading a run folder's result files into plain dicts: the report's only input.
 
-Knows the file names and kinds the stages write; refuses JSON from a newer schema than it understands.
+Reads through the results contract (capsbench/results.py: its file names, kinds and schema version); refuses
+JSON from a newer schema than it understands, and figures that cannot be judged.
 """
 
 from __future__ import annotations
@@ -10,24 +11,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from capsbench import results as R
 
 
-class ReportError(Exception):
+class ReportError(R.ResultError):
     """A run folder cannot be reported on (missing, empty, unreadable, newer schema)."""
 
 
 def read_json(path: Path, kind: str | None = None) -> dict[str, Any] | None:
-    """A result file's contents, None when it does not exist; read through the suite's one validating reader
-    (suite/rundir.read_result: UTF-8, a JSON object, a schema version this capsbench understands)."""
-    from capsbench.suite.errors import CheckpointError
-    from capsbench.suite.rundir import read_result
-
+    """A result file's contents, None when it does not exist; read through the contract's one reader
+    (results.read_result: UTF-8, a JSON object, a schema version this capsbench understands), then validated."""
     if not path.is_file():
         return None
     try:
-        return validate(path, read_result(path, kind))
-    except CheckpointError as e:
+        return validate(path, R.read_result(path, kind))
+    except ReportError:
+        raise
+    except R.ResultError as e:
         raise ReportError(str(e)) from e
     except OSError as e:
         raise ReportError(f"{path}: {e.strerror or e}") from e
@@ -118,38 +118,38 @@ def validate(path: Path, data: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def load_config_dir(folder: Path) -> dict[str, Any] | None:
-    config = read_json(folder / "config.json", "config")
+    config = read_json(folder / R.CONFIG_FILE, "config")
     if config is None:
         return None
     prunes = []
-    for sub in sorted(folder.glob("prune_*/")):
-        result = read_json(sub / "prune.json", "prune")
+    for sub in R.prune_dirs(folder):
+        result = read_json(sub / R.PRUNE_FILE, "prune")
         if result is not None:
-            result["health_pruned"] = read_json(sub / "health_pruned.json", "health")
-            result["export"] = read_json(sub / "export.json", "export")
-            result["parity"] = read_json(sub / "parity.json", "parity")
+            result["health_pruned"] = read_json(sub / R.HEALTH_PRUNED_FILE, "health")
+            result["export"] = read_json(sub / R.EXPORT_FILE, "export")
+            result["parity"] = read_json(sub / R.PARITY_FILE, "parity")
             prunes.append(result)
-    sweeps = [read_json(p, "prune_sweep") for p in sorted(folder.glob("prune_sweep_*.json"))]
+    sweeps = [read_json(p, "prune_sweep") for p in sorted(folder.glob(R.SWEEP_GLOB))]
     label = config.get("label")
     return {
         "id": config["config_id"],
         # A tampered label shows as invalid instead of breaking the report.
         "label": label if isinstance(label, str) else f"(invalid label: {label!r})",
         "config": config["config"],
-        "metrics": read_json(folder / "metrics.json", "metrics"),
-        "health": read_json(folder / "health.json", "health"),
+        "metrics": read_json(folder / R.METRICS_FILE, "metrics"),
+        "health": read_json(folder / R.HEALTH_FILE, "health"),
         "prunes": prunes,
         "sweeps": [s for s in sweeps if s],
         "exports": {p.stem: read_json(p, "export") for p in sorted(folder.glob("export*.json"))},
         # The trained net's parity, then each pruned net's (in its prune_* folder).
         "parity": {
             str(p.relative_to(folder).with_suffix("")): read_json(p, "parity")
-            for p in [*sorted(folder.glob("parity*.json")), *sorted(folder.glob("prune_*/parity.json"))]
+            for p in [*sorted(folder.glob("parity*.json")), *sorted(folder.glob(R.in_pruned(R.PARITY_FILE)))]
         },
-        "latency": read_json(folder / "latency.json", "latency"),
-        "latency_cpp": read_json(folder / "latency_cpp.json", "latency"),
+        "latency": read_json(folder / R.LATENCY_FILE, "latency"),
+        "latency_cpp": read_json(folder / R.LATENCY_CPP_FILE, "latency"),
         # Which stages ran and how they ended ('capsbench all' writes it; single-stage commands do not).
-        "pipeline": read_json(folder / "pipeline.json", "pipeline"),
+        "pipeline": read_json(folder / R.PIPELINE_FILE, "pipeline"),
     }
 
 
@@ -158,17 +158,17 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run folder; run 'capsbench all' (or 'capsbench train') first")
-    configs = [c for d in sorted(run_dir.iterdir()) if d.is_dir() and (c := load_config_dir(d)) is not None]
+    configs = [c for d in R.config_dirs(run_dir).values() if (c := load_config_dir(d)) is not None]
     if not configs:
         raise ReportError(
             f"{run_dir}: no config results here; run 'capsbench all' (or 'capsbench train') first"
         )
     return {
         "dir": str(run_dir),
-        "run": read_json(run_dir / "run.json", "run") or {},
+        "run": read_json(run_dir / R.RUN_FILE, "run") or {},
         "configs": configs,
         # The statistics stage's verdicts on the paper's claims (schema in render.claims), when it ran.
-        "verdicts": read_json(run_dir / "verdicts.json", "verdicts"),
+        "verdicts": read_json(run_dir / R.VERDICTS_FILE, "verdicts"),
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from capsbench import results as R
 from capsbench.files import atomic_write
 from capsbench.reports import charts
 from capsbench.reports.charts import PALETTE, Panel, Series
@@ -50,14 +51,8 @@ PAPER_CLAIMS = [
 VERDICTS = ("held", "did not hold", "inconclusive", "not testable")
 MIN_SEEDS_FOR_CLAIMS = 3
 
-# The files each stage writes (relative to a config folder): what "missing" means in the header.
-STAGE_FILES = {
-    "train": ["metrics.json", "health.json"],
-    "prune": ["prune_*/prune.json", "prune_*/health_pruned.json"],
-    "export": ["export.json", "parity.json"],
-    "time": ["latency.json"],
-    "cpp": ["latency_cpp.json"],
-}
+# The per-config stages whose files (the results contract's `required`) say what "missing" means in the header.
+CONFIG_STAGES = ("train", "health", "prune", "export", "time", "cpp")
 BACKENDS = [  # (column title, test on the backend name)
     ("Python ORT", lambda b: b.startswith("ort") and not b.startswith("ort_cpp")),
     ("C++ ORT", lambda b: b.startswith("ort_cpp")),
@@ -201,17 +196,17 @@ def header(run: dict, configs: list[dict]) -> dict:
 
 def stage_status(run: dict, configs: list[dict]) -> list[dict]:
     """Per config: each requested stage ok / failed (with its error) / missing files, from pipeline.json."""
-    stages = run["run"].get("stages") or list(STAGE_FILES)
+    stages = run["run"].get("stages") or list(CONFIG_STAGES)
     rows = []
     for c in configs:
         folder = Path(run["dir"]) / c["id"]
         record = c.get("pipeline") or {}
         cells = []
         for stage in stages:
-            if stage not in STAGE_FILES:
+            if stage not in CONFIG_STAGES:
                 continue
             rec = record.get(stage) or {}
-            missing = [f for f in STAGE_FILES[stage] if not list(folder.glob(f))]
+            missing = [f for f in R.STAGE_FILES[stage].required if not list(folder.glob(f))]
             if rec.get("status") == "failed":
                 cells.append({"stage": stage, "status": "failed", "detail": rec.get("error", "")})
             elif missing and record and not rec:
@@ -889,7 +884,7 @@ def render_report(run_dir: Path, out_path: Path | None = None, baseline_dir: Pat
     )
     env.filters.update(pct=_pct, si=_fmt_int, num=_fmt_num)
     html = env.get_template("report.html.j2").render(**build_context(Path(run_dir), baseline_dir))
-    out_path = Path(out_path) if out_path else Path(run_dir) / "report.html"
+    out_path = Path(out_path) if out_path else Path(run_dir) / R.REPORT_FILE
     # The project's one writer: a unique temporary created exclusively (a link planted at any name is never
     # followed), fsync, rename; the temporary goes on any failure.
     return atomic_write(out_path, lambda f: f.write(html))

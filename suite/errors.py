@@ -3,11 +3,7 @@
 Every message says what went wrong and what to do next.
 """
 
-
-class CapsbenchError(Exception):
-    """Base class for errors a user can act on."""
-
-    exit_code = 2
+from capsbench.errors import CapsbenchError  # noqa: F401 (every suite error derives from the one root)
 
 
 class DatasetError(CapsbenchError):

@@ -129,7 +129,7 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
                 **_latency_cells(latency, rundir.BASE.name),
             }
         )
-        for path in sorted(out.glob(f"prune_*/{rundir.PRUNE_FILE}")):
+        for path in sorted(out.glob(rundir.in_pruned(rundir.PRUNE_FILE))):
             prune = rundir.read_if_valid(path, "prune")
             if prune is None:
                 continue

@@ -1,6 +1,6 @@
 """The interface every stage implements, and what the runner hands each stage of each config.
 
-A stage says what it reads and writes in a config folder (names from suite/rundir.py), whether its work is done
+A stage says what it reads and writes in a config folder (the results contract, capsbench/results.py), whether its work is done
 for the current settings, and does it. It raises the project's errors (suite/errors.py); the runner records
 any failure and goes on with the next config.
 """
@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from capsbench import results
 
 if TYPE_CHECKING:
     import torch
@@ -78,17 +80,31 @@ class Context:
 class Stage:
     """One step of the benchmark. `run` does the work (skipping what is done) and returns what it measured;
     `done` says whether there is nothing left to do for these settings; `gate` stages (training) are needed by
-    every later stage, so when one fails the config's other stages are skipped."""
+    every later stage, so when one fails the config's other stages are skipped. What it reads and writes is the
+    results contract's entry of its name (capsbench/results.py STAGE_FILES)."""
 
     name: str
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
     run: Callable[[Context], Any]
     done: Callable[[Context], bool]
     help: str = ""
     gate: bool = False
     per_run: bool = False  # runs once for the run folder after every config (the report)
-    intermediate: tuple[str, ...] = ()  # written along the way, removed once the stage is done
+
+    @property
+    def files(self) -> results.StageFiles:
+        return results.STAGE_FILES[self.name]
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.files.reads
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return self.files.writes
+
+    @property
+    def intermediate(self) -> tuple[str, ...]:  # written along the way, removed once the stage is done
+        return self.files.intermediate
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -101,10 +117,8 @@ class Stage:
 
 def file_hashes(out: Path, patterns: tuple[str, ...]) -> dict[str, str]:
     """{path relative to `out`: sha256} of the files matching `patterns` in `out`."""
-    from capsbench.suite.rundir import sha256
-
     paths = {p for pattern in patterns for p in Path(out).glob(pattern) if p.is_file()}
-    return {str(p.relative_to(out)): sha256(p) for p in sorted(paths)}
+    return {str(p.relative_to(out)): results.sha256(p) for p in sorted(paths)}
 
 
 def provenance(stage: Stage, out: Path) -> dict[str, dict[str, str]]:
@@ -114,14 +128,12 @@ def provenance(stage: Stage, out: Path) -> dict[str, dict[str, str]]:
 def refuse_newer_results(out: Path, patterns: tuple[str, ...]) -> None:
     """Raise NewerSchemaError when a result file the stage would write holds a newer schema: redoing the stage
     (even with --force) would overwrite it with an older one."""
-    from capsbench.suite.rundir import NewerSchemaError, read_result
-
     for pattern in patterns:
         for path in Path(out).glob(pattern):
             if path.suffix == ".json" and path.is_file():
                 try:
-                    read_result(path, None)
-                except NewerSchemaError:
+                    results.read_result(path, None)
+                except results.NewerSchemaError:
                     raise
                 except Exception:  # an unreadable file is the stage's to redo
                     pass

@@ -17,7 +17,6 @@ from capsbench.export.cpp_runner import build_runner, read_tensors, run_runner
 from capsbench.export.latency import STABILITY_RULE, pool_rounds
 from capsbench.export.sessions import default_threads
 from capsbench.export.validate import PARITY_ATOL, _torch_capsules
-from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_model
 from capsbench.suite.errors import CheckpointError, StageError
@@ -150,13 +149,6 @@ def run(ctx: Context) -> dict:
 
 STAGE = Stage(
     "cpp",
-    reads=(
-        rundir.ONNX_FILE,
-        rundir.EXPORT_FILE,
-        "prune_*/" + rundir.ONNX_FILE,
-        "prune_*/" + rundir.EXPORT_FILE,
-    ),
-    writes=(LATENCY_CPP_FILE,),
     run=run,
     done=done,
     help="latency from the C++ ONNX Runtime runner, its outputs checked against PyTorch's",

@@ -154,15 +154,6 @@ def run(ctx: Context) -> list[dict]:
 
 STAGE = Stage(
     "export",
-    reads=(rundir.CHECKPOINT_FILE, "prune_*/" + rundir.PRUNED_FILE),
-    writes=(
-        rundir.ONNX_FILE,
-        rundir.EXPORT_FILE,
-        rundir.PARITY_FILE,
-        "prune_*/" + rundir.ONNX_FILE,
-        "prune_*/" + rundir.EXPORT_FILE,
-        "prune_*/" + rundir.PARITY_FILE,
-    ),
     run=run,
     done=done,
     help="ONNX export and parity with PyTorch on real test images",

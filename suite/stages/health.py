@@ -40,8 +40,6 @@ def run(ctx: Context) -> dict:
 
 STAGE = Stage(
     "health",
-    reads=(rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
-    writes=(rundir.HEALTH_FILE,),
     run=run,
     done=done,
     help="inactive capsules per layer of the trained net",

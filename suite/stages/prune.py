@@ -551,10 +551,7 @@ def run(ctx: Context) -> list[dict]:
 
 STAGE = Stage(
     "prune",
-    reads=(rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
-    writes=("prune_*/" + PRUNED_FILE, "prune_*/" + PRUNE_FILE, "prune_*/" + HEALTH_PRUNED_FILE),
     run=run,
     done=done,
     help="prune channels and capsules, fine-tune (and the controls), measure health again",
-    intermediate=("prune_*/" + SURGERY_FILE, "prune_*/" + FINETUNE_FILES.checkpoint),
 )

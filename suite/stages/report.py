@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capsbench.suite import rundir
 from capsbench.suite.stages.base import Context, Stage
 
 
@@ -20,8 +19,6 @@ def done(ctx: Context) -> bool:
 
 STAGE = Stage(
     "report",
-    reads=(rundir.RUN_FILE, "*/*.json"),
-    writes=(rundir.REPORT_FILE,),
     run=run,
     done=done,
     help="the self-contained HTML report of the run",

@@ -476,14 +476,6 @@ def run(ctx: Context) -> dict:
 
 STAGE = Stage(
     "time",
-    reads=(
-        rundir.ONNX_FILE,
-        rundir.EXPORT_FILE,
-        rundir.CHECKPOINT_FILE,
-        "prune_*/" + rundir.ONNX_FILE,
-        "prune_*/" + rundir.EXPORT_FILE,
-    ),
-    writes=(LATENCY_FILE,),
     run=run,
     done=done,
     help="latency in ONNX Runtime, torch eager (and torch.compile) per batch size",

@@ -62,8 +62,6 @@ def done(ctx: Context) -> bool:
 
 STAGE = Stage(
     "train",
-    reads=(),
-    writes=(rundir.CONFIG_FILE, rundir.HEALTH_INIT_FILE, rundir.CHECKPOINT_FILE, rundir.METRICS_FILE),
     run=run,
     done=done,
     help="train, resuming from the last finished epoch",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capsbench.suite import rundir
 from capsbench.suite.stages.base import Context, Stage
 
 
@@ -21,8 +20,6 @@ def done(ctx: Context) -> bool:
 
 STAGE = Stage(
     "verdicts",
-    reads=(rundir.RUN_FILE, "*/*.json", "*/prune_*/*.json"),
-    writes=(rundir.VERDICTS_FILE,),
     run=run,
     done=done,
     help="the paper's claims tested on the run's results (held / did not hold / inconclusive / not testable)",

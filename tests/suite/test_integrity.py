@@ -19,6 +19,7 @@ from capsbench.suite import rundir
 from capsbench.suite.checkpoints import read_checkpoint
 from capsbench.suite.cli import main
 from capsbench.suite.env import environment
+from capsbench.results import ResultError
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.presets import get_preset
 
@@ -371,7 +372,7 @@ def test_a_corrupt_or_deleted_checkpoint_is_trained_again(run_copy, fashion_data
 def test_result_files_that_are_not_utf8_objects_are_refused_cleanly(tmp_path, content, message):
     path = tmp_path / "metrics.json"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ResultError, match=message):
         rundir.read_result(path, "metrics")
     assert rundir.read_if_valid(path, "metrics") is None
 
