@@ -13,6 +13,7 @@ from typing import Any
 
 from capsbench.models.config import CapsNetConfig, caps_label, stable_hash
 from capsbench.suite.errors import ConfigError
+from capsbench.suite.prune_settings import CONTROLS, PROCEDURES, PruneSettings  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -68,26 +69,14 @@ class RunConfig:
         return dataclasses.replace(self, model=model, **changes)
 
 
-PROCEDURES = ("finetune", "authors")
-CONTROLS = ("extra_training", "scratch", "random")
-
-
 @dataclass(frozen=True)
 class Preset:
     name: str
     description: str
     build: Callable[[], list[RunConfig]]
-    # What `capsbench all` prunes each trained config with: (backbone ratio, capsule ratio) pairs, where the
-    # capsule ratio removes that share of PrimaryCaps types and of every intermediate layer's capsules.
-    prune_pairs: tuple[tuple[float, float], ...] = ((0.5, 0.5),)
-    finetune_epochs: int = 2
+    # What `capsbench all` prunes each trained config with (suite/prune_settings.py).
+    prune: PruneSettings = PruneSettings()
     seeds: int = 1  # every config with seeds seed, seed+1, ..., seed+seeds-1
-    # "finetune": prune, keep the surviving weights, fine-tune; "authors": prune backbone and PrimaryCaps,
-    # re-initialise the capsule layers, retrain (the paper's code).
-    procedure: str = "finetune"
-    capsule_criterion: str = "chip"  # how intermediate capsules are chosen (models.pruning.CAPSULE_CRITERIA)
-    # run beside every pruning pair (see CONTROLS and docs/presets-and-pruning.md)
-    controls: tuple[str, ...] = ()
     timed_configs: int | None = None  # export and time only the first N configs (None: all)
     # The timing budget (`time` and `all` unless --batch-sizes / --min-rounds): batch sizes (None: the
     # harness's) and the clean rounds that may stop the time stage early when they agree (None: all rounds).
@@ -102,11 +91,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {}
 
 
-def register_preset(name: str, description: str, **pruning: Any):
+def register_preset(name: str, description: str, **fields: Any):
     def wrap(fn: Callable[[], list[RunConfig]]) -> Callable[[], list[RunConfig]]:
-        preset = Preset(name, description, fn, **pruning)
-        if preset.procedure not in PROCEDURES or set(preset.controls) - set(CONTROLS):
-            raise ConfigError(f"preset {name}: unknown procedure or control")
+        preset = Preset(name, description, fn, **fields)
         PRESETS[name] = preset
         return fn
 
@@ -135,8 +122,7 @@ def capsule_grid(base: RunConfig, num_caps: list[int], dims: list[int], depths: 
     "smoke",
     "2 tiny sahu nets (0 and 3 intermediate layers) on 12k Fashion-MNIST images, 2 epochs: "
     "a few minutes on 2 CPU cores; used by the tests and CI",
-    prune_pairs=((0.25, 0.25),),
-    finetune_epochs=1,
+    prune=PruneSettings(pairs=((0.25, 0.25),), finetune_epochs=1),
     time_min_rounds=2,  # the first run's timing budget: two rounds when they agree, three when not
 )
 def _smoke() -> list[RunConfig]:
@@ -154,10 +140,8 @@ def _smoke() -> list[RunConfig]:
     "the vanishing-activation cliff on 2 CPU cores: sahu 16/32/64, fan_in init, capsules x dims {8x8, 8x16, "
     "16x8} x {2, 4} intermediate layers (either side of the cliff), 3 seeds, 6000 images, 1 epoch + 1 of "
     "fine-tuning; one pruning pair beside the three controls; only the first config is timed (batch 1, 32)",
-    prune_pairs=((0.5, 0.5),),
-    finetune_epochs=1,
+    prune=PruneSettings(pairs=((0.5, 0.5),), finetune_epochs=1, controls=CONTROLS),
     seeds=3,
-    controls=CONTROLS,
     timed_configs=1,
     time_batch_sizes=(1, 32),
 )
@@ -183,10 +167,8 @@ def _depth() -> list[RunConfig]:
     "the paper's sahu net (backbone width follows P) on full Fashion-MNIST, 5 epochs, {8, 16} capsules x {8, 16} dims x "
     "{0, 2, 4, 6} intermediate layers under the authors' init, 3 seeds, one pruning pair and the three "
     "controls: a few hours on one GPU",
-    prune_pairs=((0.5, 0.5),),
-    finetune_epochs=2,
+    prune=PruneSettings(pairs=((0.5, 0.5),), finetune_epochs=2, controls=CONTROLS),
     seeds=3,
-    controls=CONTROLS,
     timed_configs=4,
 )
 def _quick() -> list[RunConfig]:
@@ -206,11 +188,13 @@ def _quick() -> list[RunConfig]:
     "the full grid: {8, 16, 32} capsules x {4, 8, 12, 16, 32} dims x 0-5 intermediate layers, authors' init "
     "and procedure, 30 epochs on full Fashion-MNIST, 3 seeds, pruning pairs with the three controls (GPU; "
     "the schedule is assumed, see docs/models.md)",
-    prune_pairs=((0.25, 0.25), (0.5, 0.5), (0.75, 0.75)),
-    finetune_epochs=5,
+    prune=PruneSettings(
+        pairs=((0.25, 0.25), (0.5, 0.5), (0.75, 0.75)),
+        finetune_epochs=5,
+        procedure="authors",
+        controls=CONTROLS,
+    ),
     seeds=3,
-    procedure="authors",
-    controls=CONTROLS,
     timed_configs=6,
 )
 def _paper() -> list[RunConfig]:

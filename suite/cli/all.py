@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capsbench.models.pruning import CAPSULE_CRITERIA, CRITERIA
 from capsbench.suite import stages
 from capsbench.suite.cli import options, summary
 from capsbench.suite.errors import ConfigError
-from capsbench.suite.presets import CONTROLS, PROCEDURES, get_preset
-from capsbench.suite.stages import PruneSettings
+from capsbench.suite.presets import get_preset
 
 TIMING_STAGES = ("export", "time", "cpp")
 
@@ -57,35 +55,7 @@ def register(sub) -> None:
         metavar="B,C",
         help="(backbone, capsule) pruning ratio pairs (default: the preset's)",
     )
-    p.add_argument(
-        "--finetune-epochs",
-        type=options.nonnegative_int,
-        default=None,
-        help="fine-tune epochs after pruning (default: the preset's)",
-    )
-    p.add_argument(
-        "--criterion", choices=CRITERIA, default="chip", help="channel score (default: %(default)s)"
-    )
-    p.add_argument(
-        "--capsule-criterion",
-        choices=CAPSULE_CRITERIA,
-        default=None,
-        help="how intermediate capsules are chosen (default: the preset's)",
-    )
-    p.add_argument(
-        "--procedure",
-        choices=PROCEDURES,
-        default=None,
-        help="finetune: keep the surviving weights and fine-tune; authors: prune backbone and PrimaryCaps, "
-        "re-initialise the capsule layers, retrain (default: the preset's)",
-    )
-    p.add_argument(
-        "--controls",
-        nargs="*",
-        choices=CONTROLS,
-        default=None,
-        help="controls beside every pruning pair (default: the preset's; none: --controls with no name)",
-    )
+    options.add_pruning(p, defaults="the preset's")
     p.add_argument(
         "--timed-configs",
         type=int,
@@ -99,11 +69,6 @@ def register(sub) -> None:
         type=Path,
         default=None,
         help="a baseline run folder: the report shows regressions against it",
-    )
-    p.add_argument(
-        "--keep-intermediate",
-        action="store_true",
-        help="keep surgery.pt and finetune.pt after pruning (removed by default: a third of a run folder)",
     )
     options.add_training(p, compile_flag="--train-compile")
     p.add_argument("--force", action="store_true", help="redo finished stages")
@@ -153,14 +118,7 @@ def run(args) -> int:
         names.append("health")  # health.json stays in step with the trained weights
     if "report" in names and "verdicts" not in args.skip and "verdicts" not in names:
         names.append("verdicts")  # the report's claims from this run's results as they are now
-    prune = PruneSettings(
-        pairs=tuple(args.prune or preset.prune_pairs),
-        criterion=args.criterion,
-        finetune_epochs=preset.finetune_epochs if args.finetune_epochs is None else args.finetune_epochs,
-        capsule_criterion=args.capsule_criterion or preset.capsule_criterion,
-        procedure=args.procedure or preset.procedure,
-        controls=tuple(preset.controls if args.controls is None else args.controls),
-    )
+    prune = options.prune_settings(args, preset.prune, pairs=tuple(args.prune) if args.prune else None)
     settings = options.stage_settings(
         args,
         prune=prune,

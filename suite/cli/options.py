@@ -8,6 +8,7 @@ from pathlib import Path
 from capsbench.suite import data
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import RunConfig, get_preset
+from capsbench.suite.prune_settings import CONTROLS, PROCEDURES, PruneSettings
 
 # ------------------------------------------------------------------------------------- numeric option types
 # Every numeric option is checked while parsing, so a bad value is one line from argparse (exit 2) before any
@@ -155,6 +156,91 @@ def _require_compiler(option: str, instead: str) -> None:
 
     if (why := compile_unavailable()) is not None:
         raise ConfigError(f"{option}: {why}; {instead}")
+
+
+def add_pruning(p: argparse.ArgumentParser, defaults: str) -> None:
+    """The pruning options of `prune` and `all`, declared once; every one left out keeps `defaults` (what the
+    help names: the preset's settings for `all`, capsbench's for `prune`). The ratio pairs are each
+    command's own (--backbone/--caps/--sweep, --prune B,C)."""
+    from capsbench.models.pruning import CAPSULE_CRITERIA, CRITERIA
+
+    d = f"(default: {defaults})"
+    p.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default=None,
+        help="channel score: chip: per-image CHIP, averaged (Sui et al. 2021); chip-mean: CHIP of the "
+        f"batch-averaged maps (the paper's code); l1: filter L1 norms {d}",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=nonnegative_int,
+        default=None,
+        help=f"epochs of fine-tuning after surgery {d}",
+    )
+    p.add_argument(
+        "--score-images",
+        type=positive_int,
+        default=None,
+        help="training images the channel scores are computed on. Per-image CHIP does one eigendecomposition "
+        f"per channel per image: on a CPU, lower this or use chip-mean for wide layers {d}",
+    )
+    p.add_argument(
+        "--intermediate",
+        type=ratio,
+        default=None,
+        help="a share of every intermediate layer's capsules to remove other than the capsule ratio's (0: "
+        f"PrimaryCaps types only). Not output-preserving: routing re-normalises over the parents {d}",
+    )
+    p.add_argument(
+        "--capsule-criterion",
+        choices=CAPSULE_CRITERIA,
+        default=None,
+        help="how intermediate capsules are chosen: chip (CHIP of the unit-length poses: information, not "
+        f"length), weight_norm, random, length (the least active first; picks the dead ones by construction) {d}",
+    )
+    p.add_argument(
+        "--procedure",
+        choices=PROCEDURES,
+        default=None,
+        help="finetune: keep the surviving weights and fine-tune; authors: prune backbone and PrimaryCaps, "
+        f"re-initialise the capsule layers, retrain for --finetune-epochs {d}",
+    )
+    p.add_argument(
+        "--controls",
+        nargs="*",
+        choices=CONTROLS,
+        default=None,
+        help="controls beside every pair (none: --controls with no name): extra_training (the unpruned net "
+        "trained F more epochs), scratch (the pruned architecture from scratch for E+F epochs), random "
+        f"(random channels and capsules, fine-tuned F epochs) {d}",
+    )
+    p.add_argument(
+        "--reinit-caps",
+        action="store_true",
+        default=None,
+        help="re-initialise the routed capsule layers after pruning (implied by --procedure authors)",
+    )
+    p.add_argument(
+        "--keep-intermediate",
+        action="store_true",
+        help="keep surgery.pt and finetune.pt after pruning (removed by default: a third of a run folder)",
+    )
+
+
+def prune_settings(args: argparse.Namespace, defaults: PruneSettings, **fields) -> PruneSettings:
+    """`defaults` with what the pruning options (add_pruning) and `fields` set."""
+    return defaults.replace(
+        criterion=args.criterion,
+        finetune_epochs=args.finetune_epochs,
+        score_images=args.score_images,
+        intermediate_ratio=args.intermediate,
+        capsule_criterion=args.capsule_criterion,
+        procedure=args.procedure,
+        controls=None if args.controls is None else tuple(args.controls),
+        reinit_caps_layers=args.reinit_caps,
+        **fields,
+    )
 
 
 def add_timing(p: argparse.ArgumentParser) -> None:

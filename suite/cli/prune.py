@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from capsbench.models.pruning import CAPSULE_CRITERIA, CRITERIA
-from capsbench.suite import rundir
+from capsbench.suite import pruning, rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError, ConfigError
-from capsbench.suite.presets import CONTROLS, PROCEDURES
-from capsbench.suite.stages import PruneSettings
-from capsbench.suite.stages import prune as pruning
+from capsbench.suite.prune_settings import PruneSettings
 
 
 def _ratios(text: str) -> list[float]:
@@ -60,69 +57,27 @@ def register(sub) -> None:
     p.add_argument(
         "--grid", action="store_true", help="with --sweep: every (backbone, caps) pair of the ratios"
     )
-    p.add_argument(
-        "--criterion",
-        choices=CRITERIA,
-        default="chip",
-        help="chip: per-image CHIP, averaged (Sui et al. 2021); chip-mean: CHIP of the batch-averaged maps "
-        "(the paper's code); l1: filter L1 norms (default: chip)",
-    )
-    p.add_argument(
-        "--finetune-epochs",
-        type=options.nonnegative_int,
-        default=pruning.DEFAULT_FINETUNE_EPOCHS,
-        help=f"epochs of fine-tuning after surgery, 0 for none (default: {pruning.DEFAULT_FINETUNE_EPOCHS})",
-    )
-    p.add_argument(
-        "--score-images",
-        type=options.positive_int,
-        default=pruning.DEFAULT_SCORE_IMAGES,
-        help="training images the channel scores are computed on (default: 640). Per-image CHIP does one "
-        "eigendecomposition per channel per image: on a CPU, lower this or use chip-mean for wide layers",
-    )
-    p.add_argument(
-        "--intermediate",
-        type=options.ratio,
-        default=None,
-        help="a share of every intermediate layer's capsules to remove other than --caps' (0: PrimaryCaps "
-        "types only). Not output-preserving: routing re-normalises over the parents",
-    )
-    p.add_argument(
-        "--capsule-criterion",
-        choices=CAPSULE_CRITERIA,
-        default="chip",
-        help="how intermediate capsules are chosen: chip (CHIP of the unit-length poses: information, not "
-        "length), weight_norm, random, length (the least active first; picks the dead ones by construction) "
-        "(default: chip)",
-    )
-    p.add_argument(
-        "--procedure",
-        choices=PROCEDURES,
-        default="finetune",
-        help="finetune: keep the surviving weights and fine-tune; authors: prune backbone and PrimaryCaps, "
-        "re-initialise the capsule layers, retrain for --finetune-epochs (the paper's code) (default: finetune)",
-    )
-    p.add_argument(
-        "--controls",
-        nargs="+",
-        choices=CONTROLS,
-        default=(),
-        help="beside every pair: extra_training (the unpruned net trained F more epochs), scratch (the pruned "
-        "architecture from scratch for E+F epochs), random (random channels and capsules, fine-tuned F epochs)",
-    )
-    p.add_argument(
-        "--reinit-caps",
-        action="store_true",
-        help="re-initialise the routed capsule layers after pruning (implied by --procedure authors)",
-    )
-    p.add_argument(
-        "--keep-intermediate",
-        action="store_true",
-        help="keep surgery.pt and finetune.pt after pruning (removed by default: a third of a run folder)",
-    )
+    options.add_pruning(p, defaults="capsbench's: chip, 2 fine-tuning epochs, 640 score images, no controls")
     p.add_argument("--force", action="store_true", help="redo finished settings instead of skipping them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     p.set_defaults(func=run)
+
+
+def format_sweep(rows: list[dict]) -> str:
+    head = (
+        f"{'config':<11}{'b':>5}{'c':>5}{'acc':>7}{'surg':>7}{'tuned':>7}{'params':>16}{'MFLOPs':>16}"
+        "  inactive per layer before -> after"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        params = f"{r['parameters_before']}->{r['parameters_after']}"
+        flops = f"{r['flops_before'] / 1e6:.1f}->{r['flops_after'] / 1e6:.1f}"
+        lines.append(
+            f"{r['config_id']:<11}{r['backbone_ratio']:>5.2f}{r['caps_ratio']:>5.2f}{r['acc_before']:>7.4f}"
+            f"{r['acc_after_surgery']:>7.4f}{r['acc_after_finetune']:>7.4f}{params:>16}{flops:>16}  "
+            f"{' '.join(r['inactive_before'])} -> {' '.join(r['inactive_after'])}"
+        )
+    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -150,24 +105,13 @@ def run(args) -> int:
             trained.append(cfg)
         else:
             print(f"{cfg.id}: its training did not finish (see metrics.json), skipped")
-    prune = PruneSettings(
-        pairs=tuple(pairs),
-        criterion=args.criterion,
-        finetune_epochs=args.finetune_epochs,
-        intermediate_ratio=args.intermediate,
-        capsule_criterion=args.capsule_criterion,
-        procedure=args.procedure,
-        controls=tuple(args.controls),
-        reinit_caps_layers=args.reinit_caps,
-        score_images=args.score_images,
-        write_sweep=True,
-    )
+    prune = options.prune_settings(args, PruneSettings(), pairs=tuple(pairs), write_sweep=True)
     result = options.run_stages(args, trained, ["prune"], options.stage_settings(args, prune=prune))
     rows = [
         r if "acc_before" in r else pruning.sweep_row(r)
         for c in trained
         for r in result.results[c.id].get("prune", [])
     ]
-    print(pruning.format_sweep(rows))
+    print(format_sweep(rows))
     print(f"results: {run_dir}/<config>/prune_*/prune.json")
     return result.exit_code

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsbench import results
+from capsbench.suite.prune_settings import PruneSettings
 
 if TYPE_CHECKING:
     import torch
@@ -21,24 +22,6 @@ if TYPE_CHECKING:
     from capsbench.suite.presets import RunConfig
     from capsbench.suite.stages.export import TimeSettings
     from capsbench.suite.train import Splits
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    # (backbone ratio, capsule ratio): the capsule ratio removes that share of PrimaryCaps types and, unless
-    # intermediate_ratio says otherwise, of every intermediate capsule layer's capsules.
-    pairs: tuple[tuple[float, float], ...] = ((0.5, 0.5),)
-    criterion: str = "chip"
-    finetune_epochs: int = 2
-    intermediate_ratio: float | None = None  # None: the pair's capsule ratio
-    capsule_criterion: str = "chip"  # how intermediate capsules are scored (models.pruning.CAPSULE_CRITERIA)
-    procedure: str = "finetune"  # or "authors": re-initialise the capsule layers after surgery and retrain
-    controls: tuple[
-        str, ...
-    ] = ()  # beside every pair: "extra_training", "scratch", "random" (presets.CONTROLS)
-    reinit_caps_layers: bool = False  # implied by procedure "authors"
-    score_images: int = 640
-    write_sweep: bool = False  # prune_sweep_<criterion>.json (what `capsbench prune` writes for its plot)
 
 
 @dataclass(frozen=True)

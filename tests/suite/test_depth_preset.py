@@ -23,7 +23,7 @@ def test_the_depth_grid_crosses_the_cliff():
     depths = {c.model.depth for c in get_preset("depth").configs()}
     assert min(depths) < 3 and max(depths) >= 4  # either side for 16 capsules (3) and 8 capsules (4)
     assert {c.seed for c in get_preset("depth").configs()} == {0, 1, 2}
-    assert get_preset("depth").controls == ("extra_training", "scratch", "random")
+    assert get_preset("depth").prune.controls == ("extra_training", "scratch", "random")
 
 
 @pytest.mark.slow
