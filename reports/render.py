@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from capsbench import results as R
+from capsbench.claims import CLAIMS, RULE, VERDICTS
 from capsbench.files import atomic_write
 from capsbench.reports import charts
 from capsbench.reports.charts import PALETTE, Panel, Series
@@ -24,31 +25,6 @@ from capsbench.reports.load import eager_p50, load_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 
-# What the paper claims, in words (no table of the paper could be read: see docs/models.md and shared/paper.md),
-# and the chart of this page that shows the data behind each.
-PAPER_CLAIMS = [
-    (
-        "deeper_loses_accuracy",
-        "Adding capsule layers does not improve accuracy, or lowers it (Sahu & Altahhan 2024; Everett et al. 2023).",
-        "accuracy-depth",
-    ),
-    (
-        "deeper_more_inactive",
-        "Deeper capsule layers have more inactive capsules (vanishing activations).",
-        "depth-profile",
-    ),
-    (
-        "pruning_fewer_inactive",
-        "Pruned models have fewer inactive capsules than the unpruned models of the same configuration.",
-        "depth-profile",
-    ),
-    (
-        "pruning_better_accuracy",
-        "Pruned models have better accuracy than the unpruned models of the same configuration.",
-        "pruning",
-    ),
-]
-VERDICTS = ("held", "did not hold", "inconclusive", "not testable")
 MIN_SEEDS_FOR_CLAIMS = 3
 
 # The per-config stages whose files (the results contract's `required`) say what "missing" means in the header.
@@ -725,118 +701,76 @@ def sweep_chart(configs: list[dict]) -> str | None:
 # ---------------------------------------------------------------- the paper's claims
 
 
+def _claim_row(claim, v: dict | None = None, **fallback) -> dict:
+    v = v or {}
+    interval = v.get("interval")
+    return {
+        "key": claim.key if claim else str(v.get("claim")),
+        "claim": claim.text if claim else str(v.get("claim")),
+        "source": claim.source if claim else v.get("source", "?"),
+        "stratum": v.get("stratum") or fallback.get("stratum", "-"),
+        "verdict": v.get("verdict")
+        if v.get("verdict") in VERDICTS
+        else fallback.get("verdict", "inconclusive"),
+        "test": v.get("test") or fallback.get("test", "-"),
+        "n": v.get("n"),
+        "non_tied": v.get("non_tied"),
+        "effect": v.get("effect"),
+        "effect_name": v.get("effect_name") or "",
+        "interval": interval if isinstance(interval, list) and len(interval) == 2 else None,
+        "level": v.get("interval_level"),
+        "p_value": v.get("p_holm", v.get("p_value")),
+        "note": v.get("note") or fallback.get("note", ""),
+        "chart": claim.chart if claim else "",
+    }
+
+
 def claims(run: dict, configs: list[dict]) -> list[dict]:
-    """Each claim's verdict from `verdicts.json` when the run has one; otherwise an honest 'not testable' or
-    'inconclusive' with the descriptive numbers (never 'did not hold' from a handful of configs).
-
-    verdicts.json (schema_version 1, kind "verdicts"), written by the statistics stage at the run's root::
-
-        {"schema_version": 1, "kind": "verdicts",
-         "verdicts": [{"claim": "deeper_more_inactive",          # one of PAPER_CLAIMS' keys
-                       "verdict": "held",                         # held | did not hold | inconclusive | not testable
-                       "test": "one-sided Mann-Whitney U, depth 0 vs depth 3",
-                       "n": 12,                                   # independent units (seeds x configs) in the test
-                       "effect": 0.18, "effect_name": "difference in inactive fraction",
-                       "interval": [0.07, 0.29], "interval_level": 0.95,
-                       "p_value": 0.004,                          # optional
-                       "note": "..."}]}                           # optional
-
-    Unknown claims are listed after the paper's; a verdict outside the four words is shown as 'inconclusive'.
-    """
-    given = {v.get("claim"): v for v in (run.get("verdicts") or {}).get("verdicts", [])}
+    """One row per claim of the registry (capsbench/claims.py) and stratum, from `verdicts.json` when the run has
+    one (see suite/verdicts.py; each entry: claim, stratum, verdict, test, n, non_tied, effect, interval, p_value,
+    p_holm, note). Without one, each claim is 'not testable' (the run cannot speak to it) or 'inconclusive' with
+    the descriptive numbers: a report never says 'did not hold' without a test. Claims unknown to the registry
+    are listed after it; a verdict outside the four words is shown as 'inconclusive'."""
+    given: dict[str, list[dict]] = defaultdict(list)
+    for v in (run.get("verdicts") or {}).get("verdicts", []):
+        given[v.get("claim")].append(v)
     trained = [c for c in configs if _acc(c) is not None]
     depths = {_depth(c) for c in trained}
     pruned = [(c, p) for c in trained if (p := _main_prune(c))]
-    groups = defaultdict(list)
-    for c in configs:
-        groups[_group_key(c)].append(c)
-    min_seeds = min((len(g) for g in groups.values()), default=0)
     out = []
-    for key, text, chart in PAPER_CLAIMS:
-        v = given.pop(key, None)
-        if v is not None:
-            verdict = v.get("verdict") if v.get("verdict") in VERDICTS else "inconclusive"
-            interval = v.get("interval")
-            out.append(
-                {
-                    "claim": text,
-                    "verdict": verdict,
-                    "test": v.get("test") or "-",
-                    "n": v.get("n"),
-                    "effect": v.get("effect"),
-                    "effect_name": v.get("effect_name") or "",
-                    "interval": interval if isinstance(interval, list) and len(interval) == 2 else None,
-                    "level": v.get("interval_level"),
-                    "p_value": v.get("p_value"),
-                    "note": v.get("note") or "",
-                    "chart": chart,
-                }
-            )
+    for claim in CLAIMS:
+        if entries := given.pop(claim.key, []):
+            out += [_claim_row(claim, v) for v in entries]
             continue
-        if key.startswith("deeper"):
-            testable = len(depths) >= 2
-            why = "the run has one depth only" if not testable else ""
-            if key == "deeper_loses_accuracy" and testable:
-                by_depth = {d: [100 * _acc(c) for c in trained if _depth(c) == d] for d in sorted(depths)}
-                why = "; ".join(
-                    f"depth {d}: {statistics.fmean(v):.2f}% (n={len(v)})" for d, v in by_depth.items()
-                )
-            elif testable:
-                by_depth = defaultdict(list)
-                for c in trained:
-                    if c["health"]:
-                        by_depth[_depth(c)].append(c["health"]["routed_inactive_fraction"])
-                why = "; ".join(
-                    f"depth {d}: {100 * statistics.fmean(v):.1f}% routed capsules inactive (n={len(v)})"
-                    for d, v in sorted(by_depth.items())
-                )
+        if claim.key.startswith("deeper") or claim.key == "larger_dims_train_deeper":
+            dims = {c["config"]["model"]["primary_dim"] for c in trained}
+            testable = len(depths) >= 2 if claim.key.startswith("deeper") else {8, 16} <= dims
+            by_depth = defaultdict(list)
+            for c in trained:
+                by_depth[_depth(c)].append(100 * _acc(c))
+            why = "; ".join(
+                f"depth {d}: {statistics.fmean(v):.2f}% (n={len(v)})" for d, v in sorted(by_depth.items())
+            )
         else:
             testable = bool(pruned)
-            why = "no pruned model in this run"
-            if testable and key == "pruning_better_accuracy":
-                better = sum(p["summary"]["test_accuracy"]["after_finetune"] > _acc(c) for c, p in pruned)
-                why = f"{better} of {len(pruned)} pruned models beat their parent's accuracy"
-            elif testable:
-                fewer = sum(
-                    p["summary"]["routed_inactive"]["after_finetune"]
-                    < p["summary"]["routed_inactive"]["before"]
-                    for _, p in pruned
-                )
-                had = sum(p["summary"]["routed_inactive"]["before"] > 0 for _, p in pruned)
-                why = f"{fewer} of {len(pruned)} pruned models have fewer inactive routed capsules ({had} had any)"
-                testable = had > 0  # no parent has an inactive capsule to lose
+            why = f"{len(pruned)} pruned model(s) in this run" if pruned else "no pruned model in this run"
+            alive = [
+                f
+                for c, _ in pruned
+                if 0 < (f := (c["health"] or {}).get("routed_inactive_fraction") or 0) < 1
+            ]
+            if claim.key == "pruning_fewer_inactive" and pruned and not alive:
+                testable, why = False, "no unpruned model is partly alive: no inactive capsule to lose"
         out.append(
-            {
-                "claim": text,
-                "verdict": "not testable" if not testable else "inconclusive",
-                "test": "none: no verdicts.json in this run"
-                + (f"; {min_seeds} seed(s) per config" if testable else ""),
-                "n": None,  # no test ran: the numbers column gives each group's size
-                "effect": None,
-                "effect_name": "",
-                "interval": None,
-                "level": None,
-                "p_value": None,
-                "note": why,
-                "chart": chart,
-            }
+            _claim_row(
+                claim,
+                verdict="inconclusive" if testable else "not testable",
+                test="none: no verdicts.json in this run (run the verdicts stage)",
+                note=why,
+            )
         )
-    for key, v in given.items():  # claims the statistics stage knows and this page does not
-        out.append(
-            {
-                "claim": str(key),
-                "verdict": v.get("verdict") if v.get("verdict") in VERDICTS else "inconclusive",
-                "test": v.get("test") or "-",
-                "n": v.get("n"),
-                "effect": v.get("effect"),
-                "effect_name": v.get("effect_name") or "",
-                "interval": v.get("interval"),
-                "level": v.get("interval_level"),
-                "p_value": v.get("p_value"),
-                "note": v.get("note") or "",
-                "chart": "",
-            }
-        )
+    for entries in given.values():  # claims the statistics stage knows and this page does not
+        out += [_claim_row(None, v) for v in entries]
     return out
 
 
@@ -860,6 +794,7 @@ def build_context(run_dir: Path, baseline_dir: Path | None = None) -> dict[str, 
         "groups": groups,
         "multi_seed": any(g["seeds"] > 1 for g in groups),
         "claims": claims(run, configs),
+        "claims_rule": RULE,
         "threshold": next((c["health"].get("threshold") for c in configs if c["health"]), None),
         "depth_profiles": depth_profile(configs),
         "depth_rows": depth_profile_rows(configs),

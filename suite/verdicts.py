@@ -1,51 +1,30 @@
-"""The paper's four claims tested on a run's result files -> verdicts.json at the run's root (read by the report).
+"""The claims of the registry (capsbench/claims.py) tested on a run's result files -> verdicts.json at the run's
+root (read by the report).
 
 `verdicts(configs)` is pure: it takes the configs as reports.load reads them and returns the verdicts; only
-`write_verdicts` touches files. Each claim is a paired difference per unit (a config and seed), summarised by its
-mean with a seeded 95 % percentile-bootstrap interval and an exact two-sided sign test:
-
-    held          the interval excludes 0 on the claim's side
-    did not hold  the interval excludes 0 on the other side, or lies at 0 (every unit's difference is 0)
-    inconclusive  the interval contains 0: the effect is within seed noise
-    not testable  fewer than MIN_UNITS units, or nothing to test (no unpruned net had an inactive capsule)
+`write_verdicts` touches files. Each claim is tested per stratum (a depth step, a depth, a pruning setting) as
+paired differences over units (a capsule shape and seed). The decision comes from an exact two-sided sign test over
+the non-tied units, Holm-adjusted across every claim and stratum of the run; the effect is the mean difference with
+a seeded BCa bootstrap interval. claims.RULE says how these make the four verdicts.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import random
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-MIN_UNITS = 3
-RESAMPLES = 10_000
-LEVEL = 0.95
-BOOTSTRAP_SEED = 0
-RULE = (
-    "held: the 95% bootstrap interval of the mean paired difference excludes 0 on the claim's side; did not hold: "
-    "it lies at or beyond 0 on the other side; inconclusive: it contains 0 (within seed noise); not testable: "
-    f"fewer than {MIN_UNITS} paired units or nothing to test"
-)
-CLAIMS = (
-    "deeper_loses_accuracy",
-    "deeper_more_inactive",
-    "pruning_fewer_inactive",
-    "pruning_better_accuracy",
-)
+import numpy as np
 
+from capsbench.claims import ALPHA, BY_KEY, LEVEL, MIN_NON_TIED, RULE, Claim
+
+RESAMPLES = 9999
+BOOTSTRAP_SEED = 0
 
 # ---------------------------------------------------------------------------------------------- statistics
-
-
-def bootstrap_interval(diffs: list[float], level: float = LEVEL, resamples: int = RESAMPLES) -> list[float]:
-    """Percentile bootstrap interval of the mean of `diffs` (seeded: the same data give the same interval)."""
-    rng = random.Random(BOOTSTRAP_SEED)
-    n = len(diffs)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(resamples))
-    lo = means[int((1 - level) / 2 * resamples)]
-    hi = means[min(int((1 + level) / 2 * resamples), resamples - 1)]
-    return [lo, hi]
 
 
 def sign_test(diffs: list[float]) -> float:
@@ -58,36 +37,80 @@ def sign_test(diffs: list[float]) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def paired_verdict(diffs: list[float], direction: int) -> tuple[str, list[float] | None]:
-    """The verdict on "the mean difference has the sign `direction`" (+1 or -1), with its interval."""
-    if len(diffs) < MIN_UNITS:
-        return "not testable", None
-    lo, hi = bootstrap_interval(diffs)
-    if (direction > 0 and lo > 0) or (direction < 0 and hi < 0):
-        return "held", [lo, hi]
-    if (direction > 0 and hi <= 0) or (direction < 0 and lo >= 0):
-        return "did not hold", [lo, hi]
-    return "inconclusive", [lo, hi]
+def bca_interval(diffs: list[float], level: float = LEVEL) -> list[float]:
+    """BCa bootstrap interval of the mean of `diffs` (seeded: the same data give the same interval). All
+    differences equal: the interval is that value (no spread to resample)."""
+    from scipy import stats
 
-
-def _entry(claim: str, diffs: list[float], direction: int, test: str, effect_name: str, note: str) -> dict:
-    verdict, interval = paired_verdict(diffs, direction)
-    if verdict == "not testable" and len(diffs) < MIN_UNITS:
-        note = (
-            f"{len(diffs)} paired unit(s), fewer than {MIN_UNITS}: too small a run to test this claim; {note}"
+    if len(set(diffs)) <= 1:
+        return [float(diffs[0]), float(diffs[0])] if diffs else [math.nan, math.nan]
+    res = stats.bootstrap(
+        (np.asarray(diffs, dtype=float),),
+        np.mean,
+        confidence_level=level,
+        n_resamples=RESAMPLES,
+        method="BCa",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. one value repeated but one)
+        res = stats.bootstrap(
+            (np.asarray(diffs, dtype=float),),
+            np.mean,
+            confidence_level=level,
+            n_resamples=RESAMPLES,
+            method="percentile",
+            rng=np.random.default_rng(BOOTSTRAP_SEED),
         )
-    return {
-        "claim": claim,
-        "verdict": verdict,
-        "test": test,
-        "n": len(diffs),
-        "effect": statistics.fmean(diffs) if diffs else None,
-        "effect_name": effect_name,
-        "interval": interval,
-        "interval_level": LEVEL if interval else None,
-        "p_value": sign_test(diffs) if len(diffs) >= MIN_UNITS else None,
-        "note": note.strip(),
-    }
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return [lo, hi]
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of the given p-values (None: not tested, left out of the family)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m, running, out = len(tested), 0.0, list(p_values)
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def decide(claim: Claim, interval: list[float] | None, p_holm: float | None) -> str:
+    """held / did not hold / inconclusive for a testable stratum (see claims.RULE)."""
+    lo, hi = interval
+    if p_holm is not None and p_holm < ALPHA and (lo > 0 if claim.direction > 0 else hi < 0):
+        return "held"
+    if (hi < 0 if claim.direction > 0 else lo > 0) or (-claim.margin < lo and hi < claim.margin):
+        return "did not hold"
+    return "inconclusive"
+
+
+@dataclass
+class Stratum:
+    """One claim's paired differences in one stratum, before the run-wide decision."""
+
+    claim: Claim
+    stratum: str
+    reference: str
+    diffs: list[float] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
+    untestable: str = ""  # why the stratum cannot move, when it cannot
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def non_tied(self) -> int:
+        return sum(d != 0 for d in self.diffs)
+
+    def why_not_testable(self) -> str:
+        if self.untestable:
+            return self.untestable
+        if self.non_tied < MIN_NON_TIED:
+            return (
+                f"{self.non_tied} non-tied unit(s) of {len(self.diffs)}, fewer than {MIN_NON_TIED}: a sign test "
+                "cannot decide"
+            )
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------- the run's units
@@ -98,34 +121,68 @@ def _accuracy(c: dict) -> float | None:
     return m.get("test_accuracy") if m.get("status") == "complete" else None
 
 
-def _inactive(c: dict) -> float | None:
-    h = c.get("health")
-    return None if not h else h.get("routed_inactive_fraction")
-
-
 def _depth(c: dict) -> int:
     return len(c["config"]["model"]["intermediate"])
 
 
-def _shape_key(c: dict) -> str:
-    """What a config is apart from its depth: everything but the intermediate layers (seed included)."""
+def _routed_fractions(health: dict | None) -> dict[str, float]:
+    """{layer name: inactive fraction} of the routed layers (all but PrimaryCaps) of a health summary."""
+    out = {}
+    for layer in (health or {}).get("layers") or []:
+        if layer.get("name") == "primary" or not layer.get("num_capsules"):
+            continue
+        frac = layer.get("inactive_fraction")
+        out[layer["name"]] = frac if frac is not None else layer["inactive"] / layer["num_capsules"]
+    return out
+
+
+def _inactive(health: dict | None) -> float | None:
+    """The mean over routed layers of each layer's inactive fraction (a layer of 8 capsules weighs as much as one
+    of 32: a narrower pruned net with the same dead layers shows the same value); the pooled routed fraction
+    when the file has no layers."""
+    fractions = _routed_fractions(health)
+    if fractions:
+        return statistics.fmean(fractions.values())
+    return None if not health else health.get("routed_inactive_fraction")
+
+
+def _shared_inactive_diff(after: dict | None, reference: dict | None) -> float | None:
+    """Mean over the routed layers both nets have of (inactive fraction after - reference's)."""
+    a, r = _routed_fractions(after), _routed_fractions(reference)
+    shared = [k for k in a if k in r]
+    if shared:
+        return statistics.fmean(a[k] - r[k] for k in shared)
+    x, y = _inactive(after), _inactive(reference)
+    return None if x is None or y is None else x - y
+
+
+def _class_length(health: dict | None) -> float | None:
+    for layer in (health or {}).get("layers") or []:
+        if layer.get("name") == "class":
+            return layer.get("mean_length")
+    return None
+
+
+def _first_dead_layer(health: dict | None) -> int | None:
+    """1-based index of the first routed layer with every capsule inactive; layers + 1 when none is."""
+    fractions = list(_routed_fractions(health).values())
+    if not fractions:
+        return None
+    return next((i + 1 for i, f in enumerate(fractions) if f >= 1.0), len(fractions) + 1)
+
+
+def _key(c: dict, drop: tuple[str, ...], counts_only: bool = False) -> str:
+    """What a config is apart from the model fields in `drop` (seed included)."""
     cfg = dict(c["config"])
-    cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "intermediate"}
+    model = {k: v for k, v in cfg["model"].items() if k not in drop}
+    if counts_only:
+        model["intermediate"] = [layer[0] for layer in cfg["model"].get("intermediate", [])]
+    cfg["model"] = model
     return repr(sorted((k, repr(v)) for k, v in cfg.items()))
 
 
 def _done(c: dict) -> list[dict]:
     return [p for p in c.get("prunes", []) if p.get("status") == "complete"]
-
-
-def _pruned(c: dict) -> dict | None:
-    """The pruned net under test (not a control) with the largest ratios, as the report shows it."""
-    done = [p for p in _done(c) if not p.get("control")]
-    if not done:
-        return None
-    return max(
-        done, key=lambda p: (p["settings"]["backbone_ratio"] + p["settings"]["caps_ratio"], p["folder"])
-    )
 
 
 def _control(c: dict, name: str, pruned: dict) -> dict | None:
@@ -143,99 +200,194 @@ def _control(c: dict, name: str, pruned: dict) -> dict | None:
 
 
 def _after(p: dict, what: str) -> float | None:
-    s = p["summary"]
     if what == "accuracy":
-        return s["test_accuracy"]["after_finetune"]
-    frac = s.get("routed_inactive_fraction") or {}
-    return frac.get("after_finetune")
+        return p["summary"]["test_accuracy"]["after_finetune"]
+    return _inactive((p.get("after_finetune") or {}).get("health")) if p.get("after_finetune") else None
+
+
+def _partly_alive(fraction: float | None) -> bool:
+    return fraction is not None and 0.0 < fraction < 1.0
 
 
 # ---------------------------------------------------------------------------------------------- the claims
 
 
-def _deeper(configs: list[dict], claim: str) -> dict:
-    value, direction = (_accuracy, -1) if claim == "deeper_loses_accuracy" else (_inactive, +1)
+def _deeper(configs: list[dict], claim: Claim) -> list[Stratum]:
+    accuracy = claim.key == "deeper_loses_accuracy"
     groups: dict[str, dict[int, dict]] = defaultdict(dict)
     for c in configs:
-        if value(c) is not None:
-            groups[_shape_key(c)][_depth(c)] = c
-    diffs, pairs = [], set()
+        if _accuracy(c) is not None and (accuracy or c.get("health")):
+            groups[_key(c, ("intermediate",))][_depth(c)] = c
+    strata: dict[tuple[int, int], Stratum] = {}
     for by_depth in groups.values():
-        if len(by_depth) >= 2:
-            lo, hi = min(by_depth), max(by_depth)
-            diffs.append(value(by_depth[hi]) - value(by_depth[lo]))
-            pairs.add((lo, hi))
-    what = "test accuracy" if claim == "deeper_loses_accuracy" else "inactive fraction of routed capsules"
-    depths = ", ".join(f"{a} vs {b}" for a, b in sorted(pairs)) or "none"
-    test = (
-        f"paired by capsule shape and seed, deepest minus shallowest depth ({depths}): mean difference, "
-        f"{int(LEVEL * 100)}% bootstrap interval ({RESAMPLES} resamples), two-sided sign test"
-    )
-    notes = [] if diffs else ["no capsule shape and seed was trained at two depths"]
-    if claim == "deeper_loses_accuracy":
-        notes.append("'held': deeper nets are less accurate beyond seed noise; 'did not hold': more accurate")
-    note = "; ".join(notes)
-    return _entry(claim, diffs, direction, test, f"difference in {what} (deeper - shallower)", note)
-
-
-def _pruning(configs: list[dict], claim: str) -> dict:
-    what, direction = ("accuracy", +1) if claim == "pruning_better_accuracy" else ("inactive", -1)
-    units = []  # (config, pruned net)
-    for c in configs:
-        if (_accuracy(c) is not None) and (p := _pruned(c)) is not None:
-            units.append((c, p))
-    parent = {"accuracy": _accuracy, "inactive": _inactive}[what]
-    # At equal epochs when the run has the control: extra training alone, base + F epochs.
-    extra = [(c, p, e) for c, p in units if (e := _control(c, "extra_training", p)) is not None]
-    if extra and len(extra) == len(units):
-        reference = "the unpruned net trained for the same total epochs (extra_training control)"
-        diffs = [_after(p, what) - _after(e, what) for _, p, e in extra]
-        had = [_after(e, what) for _, _, e in extra]
-    else:
-        reference = "the unpruned parent (fewer epochs: confounded with the fine-tuning's extra training)"
-        diffs = [_after(p, what) - parent(c) for c, p in units]
-        had = [parent(c) for c, _ in units]
-    label = "test accuracy" if what == "accuracy" else "inactive fraction of routed capsules"
-    test = (
-        f"paired per config and seed, pruned minus {reference}: mean difference, {int(LEVEL * 100)}% bootstrap "
-        f"interval ({RESAMPLES} resamples), two-sided sign test"
-    )
-    notes = []
-    for name in ("extra_training", "scratch", "random"):
-        rows = [
-            _after(p, what) - _after(k, what) for c, p in units if (k := _control(c, name, p)) is not None
-        ]
-        if len(rows) >= MIN_UNITS:
-            lo, hi = bootstrap_interval(rows)
-            notes.append(
-                f"pruned - {name}: {statistics.fmean(rows):+.4f} [{lo:+.4f}, {hi:+.4f}] (n={len(rows)})"
+        depths = sorted(by_depth)
+        for a, b in itertools.pairwise(depths):
+            lo, hi = by_depth[a], by_depth[b]
+            s = strata.setdefault(
+                (a, b), Stratum(claim, f"depth {a} -> {b}", f"the same shape and seed at depth {a}")
             )
-    parent_rows = [_after(p, what) - parent(c) for c, p in units]
-    if len(parent_rows) >= MIN_UNITS:
-        lo, hi = bootstrap_interval(parent_rows)
-        notes.append(f"pruned - parent: {statistics.fmean(parent_rows):+.4f} [{lo:+.4f}, {hi:+.4f}]")
-    entry = _entry(
-        claim, diffs, direction, test, f"difference in {label} (pruned - reference)", "; ".join(notes)
-    )
-    if what == "inactive" and units and not any(h and h > 0 for h in had):
-        entry.update(verdict="not testable", interval=None, interval_level=None)
-        entry["note"] = "no reference net had an inactive capsule to lose. " + entry["note"]
-    if not units:
-        entry["note"] = "no pruned net in this run. " + entry["note"]
-    return entry
+            if accuracy:
+                s.diffs.append(_accuracy(hi) - _accuracy(lo))
+            else:
+                x, y = _inactive(hi["health"]), _inactive(lo["health"])
+                if x is None or y is None:
+                    continue
+                s.diffs.append(x - y)
+            s.units.append(hi["id"])
+    return [strata[k] for k in sorted(strata)]
+
+
+def _dims(configs: list[dict], claim: Claim) -> list[Stratum]:
+    groups: dict[str, dict[int, dict]] = defaultdict(dict)
+    for c in configs:
+        m = c["config"]["model"]
+        dims = {m["primary_dim"], *(layer[1] for layer in m.get("intermediate", []))}
+        if len(dims) == 1 and _class_length(c.get("health")):
+            groups[_key(c, ("primary_dim",), counts_only=True)][m["primary_dim"]] = c
+    strata: dict[tuple, Stratum] = {}
+    dead: dict[tuple, list[int]] = defaultdict(list)
+    for by_dim in groups.values():
+        if 8 not in by_dim or 16 not in by_dim:
+            continue
+        small, large = by_dim[8], by_dim[16]
+        init = large["config"]["model"].get("caps_init", "default")
+        key = (_depth(large), init)
+        s = strata.setdefault(
+            key,
+            Stratum(claim, f"depth {key[0]}, init {init}", "the same capsule count, depth and seed at d = 8"),
+        )
+        s.diffs.append(
+            math.log10(_class_length(large["health"])) - math.log10(_class_length(small["health"]))
+        )
+        s.units.append(large["id"])
+        fa, fb = _first_dead_layer(large["health"]), _first_dead_layer(small["health"])
+        if fa is not None and fb is not None:
+            dead[key].append(fa - fb)
+    for key, s in strata.items():
+        if dead[key]:
+            s.notes.append(
+                f"first dead layer, d16 - d8: mean {statistics.fmean(dead[key]):+.2f} layers "
+                f"(sign test p = {sign_test(dead[key]):.3g}, n = {len(dead[key])})"
+            )
+        if key[1] == "fan_in":
+            s.notes.append(
+                "under fan_in the capsule dimension cancels out of each layer's gain at initialisation"
+            )
+    return [strata[k] for k in sorted(strata)]
+
+
+def _pruning(configs: list[dict], claim: Claim) -> list[Stratum]:
+    what = "accuracy" if claim.key == "pruning_better_accuracy" else "inactive"
+    by_stratum: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
+    for c in configs:
+        if _accuracy(c) is None:
+            continue
+        for p in _done(c):
+            if p.get("control"):
+                continue
+            st = p["settings"]
+            key = (_depth(c), st["backbone_ratio"], st["caps_ratio"], p.get("procedure") or "finetune")
+            by_stratum[key].append((c, p))
+    out = []
+    for key in sorted(by_stratum):
+        units = by_stratum[key]
+        depth, b, cr, procedure = key
+        # At equal epochs when every unit has the control: extra training alone, base + F epochs.
+        extras = [_control(c, "extra_training", p) for c, p in units]
+        equal_epochs = all(extras)
+        reference = (
+            "the unpruned net trained for the same total epochs (extra_training control)"
+            if equal_epochs
+            else "the unpruned parent (fewer epochs: confounded with the fine-tuning's extra training)"
+        )
+        s = Stratum(claim, f"depth {depth}, b{b:.2f} c{cr:.2f}, {procedure}", reference)
+        refs = []
+        for (c, p), e in zip(units, extras, strict=True):
+            ref_health = (e.get("after_finetune") or {}).get("health") if equal_epochs else c.get("health")
+            if what == "accuracy":
+                ref = _after(e, what) if equal_epochs else _accuracy(c)
+                d = _after(p, what) - ref
+            else:
+                d = _shared_inactive_diff((p.get("after_finetune") or {}).get("health"), ref_health)
+            if d is None:
+                continue
+            s.diffs.append(d)
+            s.units.append(c["id"])
+            refs.append(_inactive(ref_health))
+        if what == "inactive" and not any(_partly_alive(f) for f in refs):
+            s.untestable = (
+                "no reference net in this stratum is partly alive (every one all alive or all dead): nothing "
+                "could change"
+            )
+        for name in ("scratch", "random"):
+            rows = [
+                _after(p, what) - _after(k, what)
+                for c, p in units
+                if (k := _control(c, name, p)) is not None and _after(k, what) is not None
+            ]
+            if len(rows) >= 2:
+                lo, hi = bca_interval(rows)
+                s.notes.append(
+                    f"pruned - {name}: {statistics.fmean(rows):+.4f} [{lo:+.4f}, {hi:+.4f}] (n={len(rows)})"
+                )
+        out.append(s)
+    return out
+
+
+def _entry(s: Stratum, p_holm: float | None) -> dict:
+    claim, why = s.claim, s.why_not_testable()
+    interval = None if why or not s.diffs else bca_interval(s.diffs)
+    verdict = "not testable" if why or interval is None else decide(claim, interval, p_holm)
+    return {
+        "claim": claim.key,
+        "source": claim.source,
+        "stratum": s.stratum,
+        "verdict": verdict,
+        "test": (
+            f"paired per unit, {claim.difference}, against {s.reference}: exact two-sided sign test over the "
+            f"non-tied units, Holm across the run's claims and strata; mean difference with a {int(LEVEL * 100)}% "
+            f"BCa bootstrap interval ({RESAMPLES} resamples); equivalence margin ±{claim.margin}"
+        ),
+        "predicts": claim.predicts,
+        "n": len(s.diffs),
+        "non_tied": s.non_tied,
+        "differences": s.diffs,
+        "units": s.units,
+        "effect": statistics.fmean(s.diffs) if s.diffs else None,
+        "effect_name": claim.difference,
+        "interval": interval,
+        "interval_level": LEVEL if interval else None,
+        "p_value": sign_test(s.diffs) if s.diffs else None,
+        "p_holm": p_holm,
+        "note": "; ".join([why, *s.notes] if why else s.notes),
+    }
+
+
+BUILDERS = {
+    "deeper_loses_accuracy": _deeper,
+    "deeper_more_inactive": _deeper,
+    "larger_dims_train_deeper": _dims,
+    "pruning_fewer_inactive": _pruning,
+    "pruning_better_accuracy": _pruning,
+}
 
 
 def verdicts(configs: list[dict]) -> dict:
-    """The verdicts.json payload (without schema_version/kind) for configs as reports.load reads them."""
+    """The verdicts.json payload (without schema_version/kind) for configs as reports.load reads them: one entry
+    per claim and stratum; a claim with no stratum in the run gets one 'not testable' entry saying why."""
+    strata: list[Stratum] = []
+    for key, build in BUILDERS.items():
+        found = build(configs, BY_KEY[key])
+        strata += found or [
+            Stratum(BY_KEY[key], "none", "-", untestable="the run has no units for this claim")
+        ]
+    p_raw = [None if s.why_not_testable() else sign_test(s.diffs) for s in strata]
+    p_adj = holm(p_raw)
     return {
         "rule": RULE,
-        "min_units": MIN_UNITS,
-        "verdicts": [
-            _deeper(configs, "deeper_loses_accuracy"),
-            _deeper(configs, "deeper_more_inactive"),
-            _pruning(configs, "pruning_fewer_inactive"),
-            _pruning(configs, "pruning_better_accuracy"),
-        ],
+        "min_non_tied": MIN_NON_TIED,
+        "alpha": ALPHA,
+        "verdicts": [_entry(s, p) for s, p in zip(strata, p_adj, strict=True)],
     }
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from capsbench.reports.compare import machine_fingerprint
+from capsbench.results import ResultError
 from capsbench.suite import rundir
 from capsbench.suite.checkpoints import read_checkpoint
 from capsbench.suite.cli import main
 from capsbench.suite.env import environment
-from capsbench.results import ResultError
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.presets import get_preset
 
