@@ -6,6 +6,7 @@ chart that shows the data behind it. Also the verdict words and the rule that de
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 VERDICTS = ("held", "did not hold", "inconclusive", "not testable")
@@ -91,3 +92,27 @@ CLAIMS: tuple[Claim, ...] = (
     ),
 )
 BY_KEY = {c.key: c for c in CLAIMS}
+
+
+# ------------------------------------------------------------------ the measure of inactive capsules
+
+
+def routed_fractions(health: dict | None) -> dict[str, float]:
+    """{layer name: inactive fraction} of the routed layers (all but PrimaryCaps) of a health summary."""
+    out = {}
+    for layer in (health or {}).get("layers") or []:
+        if layer.get("name") == "primary" or not layer.get("num_capsules"):
+            continue
+        frac = layer.get("inactive_fraction")
+        out[layer["name"]] = frac if frac is not None else layer["inactive"] / layer["num_capsules"]
+    return out
+
+
+def mean_inactive_fraction(health: dict | None) -> float | None:
+    """The mean over routed layers of each layer's inactive fraction (a layer of 8 capsules weighs as much as one
+    of 32: a narrower pruned net with the same dead layers shows the same value); the pooled routed fraction
+    when the file has no layers."""
+    fractions = routed_fractions(health)
+    if fractions:
+        return statistics.fmean(fractions.values())
+    return None if not health else health.get("routed_inactive_fraction")

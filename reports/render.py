@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from capsbench import results as R
-from capsbench.claims import CLAIMS, RULE, VERDICTS
+from capsbench.claims import CLAIMS, RULE, VERDICTS, mean_inactive_fraction
 from capsbench.files import atomic_write
 from capsbench.reports import charts
 from capsbench.reports.charts import PALETTE, Panel, Series
@@ -291,7 +291,7 @@ def pruning_rows(configs: list[dict]) -> list[dict]:
             "folder": "-",
             "accuracy": _acc(c),
             "inactive": parent_inactive,
-            "routed": (c["health"] or {}).get("routed_inactive"),
+            "fraction": mean_inactive_fraction(c["health"]),
             "parameters": done[0]["summary"]["parameters"]["before"],
             "macs": done[0]["summary"]["flops"]["before"],
             "flops": flops.get("model"),
@@ -307,7 +307,7 @@ def pruning_rows(configs: list[dict]) -> list[dict]:
                     "folder": p["folder"],
                     "accuracy": s["test_accuracy"]["after_finetune"],
                     "inactive": _inactive_total(p.get("health_pruned")),
-                    "routed": s["routed_inactive"]["after_finetune"],
+                    "fraction": mean_inactive_fraction(p.get("health_pruned")),
                     "parameters": s["parameters"]["after"],
                     "macs": s["flops"]["after"],
                     "flops": flops.get(p["folder"]),
@@ -326,10 +326,10 @@ def pruning_rows(configs: list[dict]) -> list[dict]:
             r["d_flops"] = _delta_pct(parent["flops"], r["flops"])
             r["d_p50_small"] = _delta_pct(parent["p50_small"], r["p50_small"])
             r["d_p50_big"] = _delta_pct(parent["p50_big"], r["p50_big"])
-            r["d_inactive"] = (
+            r["d_fraction"] = (
                 "-"
-                if not r["inactive"] or not parent_inactive
-                else f"{r['inactive'][0] - parent_inactive[0]:+d}"
+                if r["fraction"] is None or parent["fraction"] is None
+                else f"{100 * (r['fraction'] - parent['fraction']):+.1f}"
             )
         out.append(
             {

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from capsbench.claims import ALPHA, BY_KEY, LEVEL, MIN_NON_TIED, RULE, Claim
+from capsbench.claims import (
+    ALPHA,
+    BY_KEY,
+    LEVEL,
+    MIN_NON_TIED,
+    RULE,
+    Claim,
+    mean_inactive_fraction,
+    routed_fractions,
+)
 
 RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
@@ -125,34 +134,13 @@ def _depth(c: dict) -> int:
     return len(c["config"]["model"]["intermediate"])
 
 
-def _routed_fractions(health: dict | None) -> dict[str, float]:
-    """{layer name: inactive fraction} of the routed layers (all but PrimaryCaps) of a health summary."""
-    out = {}
-    for layer in (health or {}).get("layers") or []:
-        if layer.get("name") == "primary" or not layer.get("num_capsules"):
-            continue
-        frac = layer.get("inactive_fraction")
-        out[layer["name"]] = frac if frac is not None else layer["inactive"] / layer["num_capsules"]
-    return out
-
-
-def _inactive(health: dict | None) -> float | None:
-    """The mean over routed layers of each layer's inactive fraction (a layer of 8 capsules weighs as much as one
-    of 32: a narrower pruned net with the same dead layers shows the same value); the pooled routed fraction
-    when the file has no layers."""
-    fractions = _routed_fractions(health)
-    if fractions:
-        return statistics.fmean(fractions.values())
-    return None if not health else health.get("routed_inactive_fraction")
-
-
 def _shared_inactive_diff(after: dict | None, reference: dict | None) -> float | None:
     """Mean over the routed layers both nets have of (inactive fraction after - reference's)."""
-    a, r = _routed_fractions(after), _routed_fractions(reference)
+    a, r = routed_fractions(after), routed_fractions(reference)
     shared = [k for k in a if k in r]
     if shared:
         return statistics.fmean(a[k] - r[k] for k in shared)
-    x, y = _inactive(after), _inactive(reference)
+    x, y = mean_inactive_fraction(after), mean_inactive_fraction(reference)
     return None if x is None or y is None else x - y
 
 
@@ -165,7 +153,7 @@ def _class_length(health: dict | None) -> float | None:
 
 def _first_dead_layer(health: dict | None) -> int | None:
     """1-based index of the first routed layer with every capsule inactive; layers + 1 when none is."""
-    fractions = list(_routed_fractions(health).values())
+    fractions = list(routed_fractions(health).values())
     if not fractions:
         return None
     return next((i + 1 for i, f in enumerate(fractions) if f >= 1.0), len(fractions) + 1)
@@ -202,7 +190,11 @@ def _control(c: dict, name: str, pruned: dict) -> dict | None:
 def _after(p: dict, what: str) -> float | None:
     if what == "accuracy":
         return p["summary"]["test_accuracy"]["after_finetune"]
-    return _inactive((p.get("after_finetune") or {}).get("health")) if p.get("after_finetune") else None
+    return (
+        mean_inactive_fraction((p.get("after_finetune") or {}).get("health"))
+        if p.get("after_finetune")
+        else None
+    )
 
 
 def _partly_alive(fraction: float | None) -> bool:
@@ -229,7 +221,7 @@ def _deeper(configs: list[dict], claim: Claim) -> list[Stratum]:
             if accuracy:
                 s.diffs.append(_accuracy(hi) - _accuracy(lo))
             else:
-                x, y = _inactive(hi["health"]), _inactive(lo["health"])
+                x, y = mean_inactive_fraction(hi["health"]), mean_inactive_fraction(lo["health"])
                 if x is None or y is None:
                     continue
                 s.diffs.append(x - y)
@@ -313,7 +305,7 @@ def _pruning(configs: list[dict], claim: Claim) -> list[Stratum]:
                 continue
             s.diffs.append(d)
             s.units.append(c["id"])
-            refs.append(_inactive(ref_health))
+            refs.append(mean_inactive_fraction(ref_health))
         if what == "inactive" and not any(_partly_alive(f) for f in refs):
             s.untestable = (
                 "no reference net in this stratum is partly alive (every one all alive or all dead): nothing "
