@@ -501,3 +501,25 @@ def flop_breakdown(model: CapsNet, input_shape: Sequence[int]) -> dict[str, int]
 def count_flops(model: CapsNet, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one image's forward pass (see `flop_breakdown` for what is counted)."""
     return sum(flop_breakdown(model, input_shape).values())
+
+
+def graft_capsule_layers(source: CapsNet, deeper: CapsNetConfig) -> CapsNet:
+    """The authors' build of a deeper net: `deeper`'s routed capsule layers, freshly initialised from torch's global
+    RNG (seed it first), on `source`'s backbone and PrimaryCaps with their weights and BatchNorm statistics copied.
+    The new net has `source`'s (possibly pruned) conv widths and capsule types and `deeper`'s intermediate layers
+    and class capsules; its first routed layer takes the pruned PrimaryCaps' capsules as input."""
+    src = source.cfg
+    fixed = ("backbone", "in_channels", "image_size", "primary_dim", "primary_layout")
+    if differ := [f for f in fixed if getattr(src, f) != getattr(deeper, f)]:
+        raise ValueError(f"cannot graft: the nets differ in {', '.join(differ)}")
+    cfg = dataclasses.replace(deeper, primary_types=src.primary_types, backbone_channels=())
+    if cfg.conv_channels != src.conv_channels:
+        cfg = dataclasses.replace(cfg, backbone_channels=src.conv_channels)
+    net = build_capsnet(cfg).to(next(source.parameters()).device)
+    kept = {k: v for k, v in source.state_dict().items() if k.startswith(("backbone.", "primary."))}
+    missing, unexpected = net.load_state_dict(kept, strict=False)
+    if unexpected or any(k.startswith(("backbone.", "primary.")) for k in missing):
+        raise ValueError(
+            f"cannot graft: backbone or PrimaryCaps do not match ({(unexpected or missing)[:3]})"
+        )
+    return net

@@ -165,9 +165,9 @@ def _depth() -> list[RunConfig]:
 @register_preset(
     "quick",
     "the paper's sahu net (backbone width follows P) on full Fashion-MNIST, 5 epochs, {8, 16} capsules x {8, 16} dims x "
-    "{0, 2, 4, 6} intermediate layers under the authors' init, 3 seeds, one pruning pair and the three "
-    "controls: a few hours on one GPU",
-    prune=PruneSettings(pairs=((0.5, 0.5),), finetune_epochs=2, controls=CONTROLS),
+    "{0, 2, 4, 6} intermediate layers under the authors' init, 3 seeds, the authors' procedure (prune the "
+    "depth-0 net, build each deeper net on it) at one pruning pair with the three controls: a few hours on one GPU",
+    prune=PruneSettings(pairs=((0.5, 0.5),), finetune_epochs=2, procedure="authors", controls=CONTROLS),
     seeds=3,
     timed_configs=4,
 )

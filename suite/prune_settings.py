@@ -41,18 +41,20 @@ class PruneVariant:
     finetune_epochs: int
     score_images: int
     base_epochs: int  # the config's own training epochs
+    base_depth: int | None = (
+        None  # the authors' procedure: the depth of the trained net it prunes and builds on
+    )
 
     @property
     def folder(self) -> str:
-        """Its sub-folder of the config folder, e.g. prune_chip_b0.50_c0.50 or prune_scratch_b0.50_c0.50."""
+        """Its sub-folder of the config folder, e.g. prune_chip_b0.50_c0.50, prune_scratch_b0.50_c0.50, or under
+        the authors' procedure prune_chip_b0.50_c0.50_authors (built on the depth-0 net; _base<k> on depth k's)."""
+        name = self.control or self.criterion
+        if self.procedure == "authors":
+            base = f"_base{self.base_depth}" if self.base_depth else ""  # built on the net of that depth
+            return prune_dir_name(name, self.backbone_ratio, self.caps_ratio) + "_authors" + base
         reinit = self.reinit_caps_layers and self.control != "scratch"
-        return prune_dir_name(
-            self.control or self.criterion,
-            self.backbone_ratio,
-            self.caps_ratio,
-            self.intermediate_ratio,
-            reinit,
-        )
+        return prune_dir_name(name, self.backbone_ratio, self.caps_ratio, self.intermediate_ratio, reinit)
 
     @property
     def train_epochs(self) -> int:
@@ -78,7 +80,7 @@ class PruneVariant:
             "train_epochs": self.train_epochs,
             "total_epochs": self.total_epochs,
             "score_images": self.score_images,
-        }
+        } | ({"base_depth": self.base_depth} if self.procedure == "authors" else {})
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,11 @@ class PruneSettings:
     finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS
     intermediate_ratio: float | None = None  # None: the pair's capsule ratio
     capsule_criterion: str = "chip"  # how intermediate capsules are scored (models.pruning.CAPSULE_CRITERIA)
-    # "finetune": keep the surviving weights and fine-tune; "authors": prune backbone and PrimaryCaps,
-    # re-initialise the capsule layers, retrain
+    # "finetune": prune this config's trained net, keep the surviving weights and fine-tune. "authors" (the
+    # paper's code): prune the backbone and PrimaryCaps of the trained net of this config at depth base_depth,
+    # build this config's capsule layers on it freshly initialised, retrain for finetune_epochs.
     procedure: str = "finetune"
+    base_depth: int = 0
     controls: tuple[str, ...] = ()  # beside every pair (CONTROLS)
     reinit_caps_layers: bool = False  # implied by procedure "authors"
     score_images: int = DEFAULT_SCORE_IMAGES
@@ -115,6 +119,8 @@ class PruneSettings:
             _check_ratio("caps", c)
         if self.intermediate_ratio is not None:
             _check_ratio("intermediate", self.intermediate_ratio)
+        if self.base_depth < 0:
+            raise ConfigError(f"the authors' base depth must be >= 0, got {self.base_depth}")
         if self.finetune_epochs < 0 or self.score_images < 1:
             raise ConfigError("finetune epochs must be >= 0 and score images >= 1")
 
@@ -127,10 +133,15 @@ class PruneSettings:
     ) -> PruneVariant:
         """One pair's pruned net (control None) or one of its controls."""
         inter = caps if self.intermediate_ratio is None else self.intermediate_ratio
-        reinit = self.reinit_caps_layers or self.procedure == "authors"
-        if control == "extra_training":  # the unpruned net trained on: no ratios, nothing re-initialised
+        reinit = self.reinit_caps_layers
+        authors = self.procedure == "authors"
+        if authors:  # backbone and PrimaryCaps only; every routed layer fresh
+            inter, reinit = 0.0, True
+        if control == "extra_training":
+            # finetune: the unpruned net trained on. authors: the same build on the unpruned backbone
+            # (re-initialisation alone), trained as long.
             backbone = caps = inter = 0.0
-            reinit = False
+            reinit = authors
         return PruneVariant(
             criterion=self.criterion,
             backbone_ratio=backbone,
@@ -143,6 +154,7 @@ class PruneSettings:
             finetune_epochs=self.finetune_epochs,
             score_images=self.score_images,
             base_epochs=base_epochs,
+            base_depth=self.base_depth if authors else None,
         )
 
     def variants(self, base_epochs: int) -> list[PruneVariant]:

@@ -15,12 +15,12 @@ import torch
 
 from capsbench.models import CapsNet, build_capsnet
 from capsbench.models.health import capsule_health, init_health
-from capsbench.models.pruning import count_flops, prune_capsnet, score_capsnet
+from capsbench.models.pruning import count_flops, graft_capsule_layers, prune_capsnet, score_capsnet
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_torch, save_torch
 from capsbench.suite.env import environment
-from capsbench.suite.errors import CheckpointError
+from capsbench.suite.errors import CheckpointError, ConfigError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.prune_settings import PruneVariant
 from capsbench.suite.rundir import (
@@ -86,6 +86,29 @@ class TrainedBase:
     _model: CapsNet | None = None
     _measured: dict | None = None
     _scores: dict = field(default_factory=dict)
+    _siblings: dict = field(default_factory=dict)
+
+    def sibling(self, depth: int) -> TrainedBase:
+        """The trained net of this config with only its first `depth` intermediate layers: a config of the same
+        run folder, which the authors' procedure prunes and builds this config's capsule layers on."""
+        if depth > self.cfg.model.depth:
+            raise ConfigError(
+                f"config {self.cfg.id} has {self.cfg.model.depth} intermediate layers, fewer than the authors' "
+                f"base depth {depth}: nothing to build on it"
+            )
+        if depth == self.cfg.model.depth:
+            return self
+        if depth not in self._siblings:
+            cfg = self.cfg.replace(intermediate=self.cfg.model.intermediate[:depth])
+            out = self.out_dir.parent / cfg.id
+            if not rundir.is_trained(out):
+                raise CheckpointError(
+                    f"the authors' procedure builds config {self.cfg.id} on its depth-{depth} net, config {cfg.id}, "
+                    f"which is not trained in {out.parent}: train it first (a preset whose grid has depth {depth}, "
+                    f"or --configs {cfg.id})"
+                )
+            self._siblings[depth] = TrainedBase(cfg, out, self.splits, self.device)
+        return self._siblings[depth]
 
     @property
     def model(self) -> CapsNet:
@@ -167,7 +190,7 @@ def prune_config(
         checkpoint=f"{sub_name}/{FINETUNE_FILES.checkpoint}", metrics=f"{sub_name}/{FINETUNE_FILES.metrics}"
     )
     finetune, pruned = None, None
-    if control == "extra_training":
+    if control == "extra_training" and variant.procedure != "authors":
         # Resume the base's own checkpoint (weights, optimizer, schedule) for F more epochs.
         if not (sub / FINETUNE_FILES.checkpoint).is_file() and not rundir.is_trained(
             out_dir, files_here.metrics
@@ -273,6 +296,8 @@ def _surgery(
     """The net a variant starts its training from, its plan and its measurements before training."""
     control, inter = settings["control"], settings["intermediate_ratio"]
     state = {"config_id": cfg.id, "config": cfg.to_dict(), "settings": settings, "before": base.measured()}
+    if settings["procedure"] == "authors":
+        return _authors_surgery(cfg, splits, device, base, settings, state)
     if control == "extra_training":
         model = base.model
         plan = {
@@ -302,8 +327,21 @@ def _surgery(
         intermediate_ratio=inter,
         reinit_caps_layers=settings["reinit_caps_layers"] and control != "scratch",
     )
+    return _surgery_result(cfg, splits, device, state, model, plan, scratch=control == "scratch")
+
+
+def _surgery_result(
+    cfg: RunConfig,
+    splits: training.Splits,
+    device: torch.device,
+    state: dict,
+    model: CapsNet,
+    plan: dict,
+    *,
+    scratch: bool,
+) -> dict:
     health = None
-    if control == "scratch":
+    if scratch:
         # The pruned architecture with every weight fresh, seeded as the base's own initialisation; its health
         # at initialisation as training sees it (BatchNorm on batch statistics, not untrained running stats).
         torch.manual_seed(cfg.seed)
@@ -319,6 +357,43 @@ def _surgery(
         "plan": plan,
         "after_surgery": measure(model, cfg, splits, device, health),
     }
+
+
+def _authors_surgery(
+    cfg: RunConfig,
+    splits: training.Splits,
+    device: torch.device,
+    base: TrainedBase,
+    settings: dict,
+    state: dict,
+) -> dict:
+    """The authors' procedure: score and prune the backbone and PrimaryCaps of the config's trained net at the
+    base depth, then build this config's capsule layers, freshly initialised (seeded by the config's seed), on the
+    pruned backbone. Its controls: extra_training builds on the unpruned backbone (re-initialisation alone),
+    random on randomly chosen channels, scratch trains the built architecture from fresh weights."""
+    src = base.sibling(settings["base_depth"])
+    control = settings["control"]
+    if control == "extra_training":
+        pruned, plan = src.model, {"layers": []}
+    else:
+        if control == "random":
+            scores = src.random_scores()
+        else:
+            scores = src.scores(
+                settings["criterion"], settings["score_images"], False, settings["capsule_criterion"]
+            )
+        pruned, plan = prune_capsnet(src.model, settings["backbone_ratio"], settings["caps_ratio"], scores)
+    torch.manual_seed(cfg.seed)  # the fresh capsule layers
+    model = graft_capsule_layers(pruned, cfg.model)
+    plan = {
+        **plan,
+        "procedure": "authors",
+        "base_config_id": src.cfg.id,
+        "base_model_config": src.cfg.model.to_dict(),
+        "model_config_before": cfg.model.to_dict(),
+        "model_config_after": model.cfg.to_dict(),
+    }
+    return _surgery_result(cfg, splits, device, state, model, plan, scratch=control == "scratch")
 
 
 def _surgery_state(cfg: RunConfig, sub: Path, settings: dict) -> dict | None:

@@ -203,8 +203,16 @@ def add_pruning(p: argparse.ArgumentParser, defaults: str) -> None:
         "--procedure",
         choices=PROCEDURES,
         default=None,
-        help="finetune: keep the surviving weights and fine-tune; authors: prune backbone and PrimaryCaps, "
-        f"re-initialise the capsule layers, retrain for --finetune-epochs {d}",
+        help="finetune: prune this config's trained net, keep the surviving weights and fine-tune; authors (the "
+        "paper's code): prune the backbone and PrimaryCaps of the trained net at --base-depth, build this config's "
+        f"capsule layers on it freshly initialised, retrain for --finetune-epochs {d}",
+    )
+    p.add_argument(
+        "--base-depth",
+        type=nonnegative_int,
+        default=None,
+        help="the authors' procedure: the depth of the trained net whose backbone and PrimaryCaps are pruned and "
+        f"built on (the config with that many intermediate layers must be trained in the same run) {d}",
     )
     p.add_argument(
         "--controls",
@@ -237,6 +245,7 @@ def prune_settings(args: argparse.Namespace, defaults: PruneSettings, **fields) 
         intermediate_ratio=args.intermediate,
         capsule_criterion=args.capsule_criterion,
         procedure=args.procedure,
+        base_depth=args.base_depth,
         controls=None if args.controls is None else tuple(args.controls),
         reinit_caps_layers=args.reinit_caps,
         **fields,

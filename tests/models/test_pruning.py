@@ -18,6 +18,7 @@ from capsbench.models.pruning import (
     chip_scores_svd,
     count_flops,
     flop_breakdown,
+    graft_capsule_layers,
     l1_scores,
     prune_capsnet,
     score_capsnet,
@@ -404,3 +405,46 @@ def test_pruning_primary_types_of_a_backbone_that_follows_p_keeps_the_surviving_
     assert [b[0].out_channels for b in pruned.backbone] == [16, 32, 64]
     with torch.no_grad():
         assert pruned(x[:4]).shape == (4, 10, 16)
+
+
+# ---------------------------------------------------------------------------------------------- the authors' build
+
+
+def test_grafting_keeps_the_pruned_backbone_and_draws_the_deeper_capsule_layers_afresh(fashion_test_images):
+    """The authors' procedure: the deeper net's backbone and PrimaryCaps are the pruned base's, weights and
+    BatchNorm statistics; its capsule layers are exactly a fresh seeded init of the deeper shape; ratio 0 keeps the
+    whole backbone."""
+    x, _ = fashion_test_images
+    base_cfg = dataclasses.replace(SMALL, intermediate=())
+    base = _lively(base_cfg)
+    deeper = dataclasses.replace(SMALL, intermediate=((6, 6),) * 3)
+    for ratio in (0.5, 0.0):
+        scores = score_capsnet(base, [x[:32]], "l1")
+        pruned, _ = prune_capsnet(base, ratio, ratio, scores)
+        torch.manual_seed(11)
+        net = graft_capsule_layers(pruned, deeper)
+        torch.manual_seed(11)
+        fresh = build_capsnet(net.cfg)
+        assert (
+            net.cfg.intermediate == deeper.intermediate and net.cfg.primary_types == pruned.cfg.primary_types
+        )
+        assert net.cfg.conv_channels == pruned.cfg.conv_channels
+        state, src, init = net.state_dict(), pruned.state_dict(), fresh.state_dict()
+        for k, v in state.items():
+            expected = src[k] if k.startswith(("backbone.", "primary.")) else init[k]
+            assert torch.equal(v, expected), k
+        if ratio == 0.0:  # nothing pruned: the whole trained backbone, every channel
+            assert pruned.cfg.conv_channels == base_cfg.conv_channels
+            for k, v in base.state_dict().items():
+                if k.startswith(("backbone.", "primary.")):
+                    assert torch.equal(state[k], v), k
+        with (
+            torch.no_grad()
+        ):  # the built net runs on real images and its class capsules are the deeper shape's
+            assert net.eval()(x[:4]).shape == (4, deeper.num_classes, deeper.class_dim)
+
+
+def test_grafting_refuses_nets_of_another_capsule_dimension():
+    base = build_capsnet(dataclasses.replace(SMALL, intermediate=()))
+    with pytest.raises(ValueError, match="primary_dim"):
+        graft_capsule_layers(base, dataclasses.replace(SMALL, primary_dim=16))

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from capsbench.models import CapsNetConfig, build_capsnet
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 from capsbench.suite.rundir import CHECKPOINT_FILE, SURGERY_FILE, VERDICTS_FILE, read_result
@@ -83,24 +84,60 @@ def test_the_scratch_control_starts_from_fresh_weights(run):
     assert not torch.equal(scratch["model"][key], pruned["model"][key])
 
 
-def test_the_authors_procedure_reinitialises_the_capsule_layers(run, fashion_data_dir):
-    """Backbone pruned, capsule layers kept at full width: the finetune procedure copies their weights, the
-    authors' procedure draws them afresh."""
+def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbone(
+    run, fashion_data_dir, capsys
+):
+    """finetune keeps the trained capsule weights; the authors' procedure prunes the backbone and PrimaryCaps of
+    the net at the base depth and draws every capsule layer afresh (seeded by the config's seed); its
+    extra_training control builds on the whole unpruned backbone; a base depth whose net is not trained is
+    refused in one line naming that config."""
     runs, _, folder, _ = run
     args = ["prune", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs), "--no-progress"]
     args += ["--data-dir", str(fashion_data_dir), "--train-subset", "300", "--eval-subset", "100"]
-    args += ["--epochs", "1", "--backbone", "0.5", "--caps", "0", "--finetune-epochs", "0"]
+    args += [
+        "--epochs",
+        "1",
+        "--backbone",
+        "0.5",
+        "--caps",
+        "0.25",
+        "--intermediate",
+        "0",
+        "--finetune-epochs",
+        "0",
+    ]
     args += ["--score-images", "64", "--keep-intermediate"]
     base = torch.load(folder / CHECKPOINT_FILE, weights_only=True)["model"]
-    for procedure, folder_name in (
-        ("finetune", "prune_chip_b0.50_c0.00"),
-        ("authors", "prune_chip_b0.50_c0.00_reinit"),
-    ):
-        assert main([*args, "--procedure", procedure]) == 0
-        result = read_result(folder / folder_name / "prune.json", "prune")
-        assert result["procedure"] == procedure
-        surgery = torch.load(folder / folder_name / SURGERY_FILE, weights_only=True)["model"]
-        same = [
-            torch.equal(surgery[f"caps_layers.{i}.weight"], base[f"caps_layers.{i}.weight"]) for i in (1, 2)
-        ]
-        assert same == ([True, True] if procedure == "finetune" else [False, False])
+
+    assert main([*args, "--procedure", "finetune"]) == 0
+    surgery = torch.load(folder / "prune_chip_b0.50_c0.25_i0.00" / SURGERY_FILE, weights_only=True)["model"]
+    assert all(
+        torch.equal(surgery[f"caps_layers.{i}.weight"], base[f"caps_layers.{i}.weight"]) for i in (1, 2)
+    )
+
+    assert main([*args, "--procedure", "authors", "--base-depth", "2", "--controls", "extra_training"]) == 0
+    for name in ("prune_chip_b0.50_c0.25_authors_base2", "prune_extra_training_b0.00_c0.00_authors_base2"):
+        state = torch.load(folder / name / SURGERY_FILE, weights_only=True)
+        result = read_result(folder / name / "prune.json", "prune")
+        assert result["procedure"] == "authors" and result["settings"]["base_depth"] == 2
+        assert result["plan"]["base_config_id"] == folder.name  # its own net (base depth = its depth)
+        assert True  # its own net (base depth = its depth)
+        torch.manual_seed(SHALLOW.seed)
+        fresh = build_capsnet(CapsNetConfig.from_dict(state["model_config"])).state_dict()
+        caps = [k for k in state["model"] if k.startswith("caps_layers.")]
+        assert caps and all(torch.equal(state["model"][k], fresh[k]) for k in caps)
+        kept = [k for k in state["model"] if k.startswith(("backbone.", "primary."))]
+        if "extra_training" in name:  # the whole trained backbone, every channel
+            assert all(torch.equal(state["model"][k], base[k]) for k in kept)
+        else:  # half of every backbone conv's channels, a quarter of the capsule types gone
+            key = "backbone.0.0.weight"
+            assert state["model"][key].shape[0] == base[key].shape[0] - base[key].shape[0] // 2
+            assert state["model_config"]["primary_types"] == SHALLOW.model.primary_types - 2
+
+    capsys.readouterr()
+    assert main([*args, "--procedure", "authors", "--base-depth", "1"]) != 0
+    err = capsys.readouterr().err
+    trained = SHALLOW.replace(train_subset=300, eval_subset=100, epochs=1)
+    assert trained.id == folder.name
+    depth1 = trained.replace(intermediate=SHALLOW.model.intermediate[:1])
+    assert "not trained" in err and depth1.id in err and "Traceback" not in err

@@ -42,12 +42,29 @@ def test_the_depth_preset_expands_into_its_pruned_net_and_three_controls_with_th
     }
 
 
-def test_the_authors_procedure_reinitialises_all_but_scratch_and_an_intermediate_ratio_is_named():
-    p = PruneSettings(pairs=((0.5, 0.25),), procedure="authors", intermediate_ratio=0.1, controls=("scratch",))
+def test_the_authors_procedure_names_its_folders_records_its_base_depth_and_prunes_no_intermediate_layer():
+    p = PruneSettings(pairs=((0.5, 0.25),), procedure="authors", base_depth=1, intermediate_ratio=0.1)
+    p = p.replace(controls=("scratch", "extra_training"))
+    pruned, scratch, extra = p.variants(base_epochs=3)
+    assert [v.folder for v in (pruned, scratch, extra)] == [
+        "prune_chip_b0.50_c0.25_authors_base1",
+        "prune_scratch_b0.50_c0.25_authors_base1",
+        "prune_extra_training_b0.00_c0.00_authors_base1",
+    ]
+    assert pruned.intermediate_ratio == 0.0 and pruned.reinit_caps_layers and extra.reinit_caps_layers
+    assert pruned.to_dict()["base_depth"] == 1 and scratch.train_epochs == 3 + p.finetune_epochs
+    # The finetune procedure's settings carry no base depth (finished runs' prune.json stay "done").
+    assert "base_depth" not in PruneSettings(base_depth=1).variants(3)[0].to_dict()
+    assert PruneSettings(procedure="authors").variants(3)[0].folder == "prune_chip_b0.50_c0.50_authors"
+
+
+def test_reinit_caps_under_finetune_names_an_intermediate_ratio_and_spares_scratch():
+    p = PruneSettings(
+        pairs=((0.5, 0.25),), reinit_caps_layers=True, intermediate_ratio=0.1, controls=("scratch",)
+    )
     pruned, scratch = p.variants(base_epochs=3)
     assert pruned.folder == "prune_chip_b0.50_c0.25_i0.10_reinit" and pruned.reinit_caps_layers
     assert scratch.folder == "prune_scratch_b0.50_c0.25_i0.10"  # fresh weights everywhere: no _reinit
-    assert pruned.intermediate_ratio == 0.1 and scratch.train_epochs == 3 + p.finetune_epochs
 
 
 @pytest.mark.parametrize(
@@ -72,19 +89,31 @@ def _settings(argv: list[str], defaults: PruneSettings) -> PruneSettings:
 
 def test_prune_and_all_take_the_same_pruning_flags_into_the_same_settings():
     flags = ["--criterion", "l1", "--finetune-epochs", "0", "--score-images", "64", "--intermediate", "0.1"]
-    flags += ["--capsule-criterion", "length", "--procedure", "authors", "--controls", "random", "--reinit-caps"]
+    flags += [
+        "--capsule-criterion",
+        "length",
+        "--procedure",
+        "authors",
+        "--controls",
+        "random",
+        "--reinit-caps",
+    ]
     base = PruneSettings()
     from_prune = _settings(["prune", "--preset", "smoke", *flags], base)
     from_all = _settings(["all", "--preset", "smoke", *flags], base)
-    assert from_prune == from_all == PruneSettings(
-        criterion="l1",
-        finetune_epochs=0,
-        score_images=64,
-        intermediate_ratio=0.1,
-        capsule_criterion="length",
-        procedure="authors",
-        controls=("random",),
-        reinit_caps_layers=True,
+    assert (
+        from_prune
+        == from_all
+        == PruneSettings(
+            criterion="l1",
+            finetune_epochs=0,
+            score_images=64,
+            intermediate_ratio=0.1,
+            capsule_criterion="length",
+            procedure="authors",
+            controls=("random",),
+            reinit_caps_layers=True,
+        )
     )
 
 
