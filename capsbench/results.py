@@ -3,7 +3,7 @@ writes there, and how result files are written and read (atomically, each JSON o
 `schema_version`). Torch-free and layer-neutral: the suite writes through it, the reports and `check` read
 through it, and other tools can rely on it (docs/results.md describes every file and field).
 
-    runs/<run-id>/run.json, verdicts.json, report.html, .locks/
+    runs/<run-id>/run.json, verdicts.json, precheck.json, report.html, .locks/
     runs/<run-id>/<config-id>/config.json, checkpoint.pt, metrics.json, health_init.json, health.json,
         pipeline.json, error.txt,
         model.onnx, export.json, parity.json, latency.json, latency_cpp.json, prune_sweep_<criterion>.json
@@ -43,6 +43,7 @@ __all__ = [
     "PARITY_FILE",
     "PIPELINE_FILE",
     "PRUNED_FILE",
+    "PRECHECK_FILE",
     "PRUNE_FILE",
     "PRUNE_GLOB",
     "PRUNE_PREFIX",
@@ -77,6 +78,7 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 REPORT_FILE = "report.html"
 VERDICTS_FILE = "verdicts.json"  # the paper's claims tested on the run's results
+PRECHECK_FILE = "precheck.json"  # every config's standing before training (`capsbench precheck`)
 LOCKS_DIR = ".locks"  # runs/<run-id>/.locks/<config-id>.lock and run.lock
 # config level
 CONFIG_FILE = "config.json"

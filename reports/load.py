@@ -169,6 +169,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "configs": configs,
         # The statistics stage's verdicts on the paper's claims (schema in render.claims), when it ran.
         "verdicts": read_json(run_dir / R.VERDICTS_FILE, "verdicts"),
+        # Every config's standing before training (`capsbench precheck`), when it ran.
+        "precheck": read_json(run_dir / R.PRECHECK_FILE, "precheck"),
     }
 
 

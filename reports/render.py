@@ -774,6 +774,30 @@ def claims(run: dict, configs: list[dict]) -> list[dict]:
     return out
 
 
+def precheck_rows(run: dict) -> dict | None:
+    """precheck.json as a table: per config its placement, largest gradient and each routed layer's RMS length
+    at initialisation, measured beside the gain recursion's prediction."""
+    pre = run.get("precheck")
+    if not pre:
+        return None
+    rows = []
+    for c in pre.get("configs", []):
+        layers = c.get("layers") or []
+        rows.append(
+            {
+                "id": c.get("config_id"),
+                "label": c.get("label"),
+                "placement": c.get("placement"),
+                "max_grad": c.get("max_grad_rms"),
+                "profile": [
+                    (la.get("name"), la.get("measured_rms_length"), la.get("predicted_rms_length"))
+                    for la in layers
+                ],
+            }
+        )
+    return {"rule": pre.get("rule", ""), "rows": rows}
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -794,6 +818,7 @@ def build_context(run_dir: Path, baseline_dir: Path | None = None) -> dict[str, 
         "groups": groups,
         "multi_seed": any(g["seeds"] > 1 for g in groups),
         "claims": claims(run, configs),
+        "precheck": precheck_rows(run),
         "claims_rule": RULE,
         "threshold": next((c["health"].get("threshold") for c in configs if c["health"]), None),
         "depth_profiles": depth_profile(configs),

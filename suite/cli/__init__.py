@@ -19,6 +19,7 @@ COMMANDS = (
     "all",
     "presets",
     "data",
+    "precheck",
     "train",
     "health",
     "prune",
