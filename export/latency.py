@@ -656,9 +656,12 @@ def runtime_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_isa": cpu_isa(),
-        "cpu_cores": default_threads(),
+        # Spelled as suite/env.environment spells them (the two are merged into one file): logical CPUs, the
+        # ones this process may run on, and torch's intra-op threads.
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": default_threads(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "cpu_threads": torch.get_num_threads(),
         "onnx": onnx.__version__,
         "onnxruntime": ort.__version__,
         "onnxruntime_build": ort_build(),

@@ -219,8 +219,22 @@ def test_ort_and_torch_eager_are_timed_side_by_side(exported, fashion):
 
 def test_environment_names_cpu_threads_and_runtime_versions():
     env = runtime_environment()
-    for key in ("cpu", "cpu_cores", "torch", "torch_threads", "onnxruntime", "ort_available_providers"):
+    for key in (
+        "cpu",
+        "cpu_count",
+        "cpu_affinity",
+        "torch",
+        "cpu_threads",
+        "onnxruntime",
+        "ort_available_providers",
+    ):
         assert env[key] not in (None, "")
+    # latency.json merges it with the suite's environment: one spelling per fact, the same value under it.
+    from capsbench.suite.env import environment
+
+    suite_env = environment()
+    assert all(env[k] == suite_env[k] for k in set(env) & set(suite_env) if k != "git_commit")
+    assert not {"cpu_cores", "torch_threads"} & set(env)
 
 
 # ------------------------------------------------------------------- real timings: stability and check's gates
