@@ -22,7 +22,7 @@ import numpy as np
 
 from capsbench.export.errors import ExportError
 from capsbench.export.latency import Contention, judge_contention, summarize
-from capsbench.export.sessions import EXECUTION_PROVIDERS
+from capsbench.export.sessions import CPU, EXECUTION_PROVIDERS, placement_summary
 from capsbench.files import atomic_write
 
 CPP_DIR = Path(__file__).resolve().parent / "cpp"
@@ -180,7 +180,7 @@ def _check_tools() -> None:
         )
 
 
-def source_hash(ort_root: Path | None = None) -> str:
+def source_hash(ort_root: Path | None = None, *, asan: bool = False) -> str:
     """A hash of everything the build depends on: the runner's sources, the ONNX Runtime root, this Python."""
     h = hashlib.sha256()
     sources = [
@@ -192,7 +192,7 @@ def source_hash(ort_root: Path | None = None) -> str:
     for f in sorted(p for p in sources if p.is_file()):
         h.update(str(f.relative_to(CPP_DIR)).encode() + b"\0" + f.read_bytes() + b"\0")
     h.update(str(ort_root).encode() + b"\0" + sys.executable.encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16] + ("-asan" if asan else "")
 
 
 def build_runner(
@@ -201,6 +201,7 @@ def build_runner(
     *,
     jobs: int | None = None,
     progress: Callable[[str], None] | None = None,
+    asan: bool = False,
 ) -> Path:
     """Configure and build `capsbench-runner` with CMake; returns the binary. Cached: the default build dir is
     <cache>/cpp-build/<hash of the sources and runtime>, and a finished build is returned at once.
@@ -208,9 +209,11 @@ def build_runner(
     ort_root: an ONNX Runtime root (include/, lib/); default $ONNXRUNTIME_ROOT, else `provision_ort()`.
     The CTest suite is configured too (`ctest --test-dir <build dir>`), with this Python for its fixtures.
     $CAPSBENCH_RUNNER names a runner built ahead of time (the container image has no compiler).
+    asan: with AddressSanitizer and UndefinedBehaviorSanitizer (-DCAPSBENCH_ASAN=ON), in a build dir of its own
+    (`<hash>-asan`), for tests of the runner's memory handling (never for timing: the checks slow every call).
     """
     prebuilt = os.environ.get("CAPSBENCH_RUNNER")
-    if prebuilt and build_dir is None and ort_root is None:
+    if prebuilt and build_dir is None and ort_root is None and not asan:
         if not Path(prebuilt).is_file():
             raise BuildError(f"CAPSBENCH_RUNNER={prebuilt} is not a file; unset it to build the runner here")
         return Path(prebuilt)
@@ -222,7 +225,7 @@ def build_runner(
         with _locked(cache_root() / "locks" / "provision.lock"):
             ort_root = provision_ort()
     ort_root = Path(ort_root).expanduser().absolute()
-    key = source_hash(ort_root)
+    key = source_hash(ort_root, asan=asan)
     build = Path(build_dir) if build_dir is not None else cache_root() / "cpp-build" / key
     build = build.expanduser().absolute()
     binary, stamp = build / RUNNER, build / ".capsbench-built"
@@ -241,6 +244,7 @@ def build_runner(
                 f"-DONNXRUNTIME_ROOT={ort_root}",
                 f"-DPython3_EXECUTABLE={sys.executable}",
                 "-DCMAKE_BUILD_TYPE=Release",
+                f"-DCAPSBENCH_ASAN={'ON' if asan else 'OFF'}",
             ],
             ["cmake", "--build", str(build), "--parallel", str(jobs or min(os.cpu_count() or 1, 4))],
         ]
@@ -280,6 +284,32 @@ def _cuda_library_path() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+def runner_placement(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The runner's node placement (session.placement: kernels per provider and op type in one profiled run)
+    judged as the Python time stage judges its sessions' (`sessions.placement_summary`): every compute node on
+    the requested provider and no Memcpy node, else `problem`. None when the runner could not profile."""
+    session = result.get("session") or {}
+    by_op = session.get("placement")
+    if by_op is None:
+        return None
+    return placement_summary(by_op, session.get("provider") or result.get("provider") or CPU)
+
+
+def label_placement(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with `placement` (runner_placement) and, when its compute did not all run on the requested
+    provider (or that is unknown off the CPU), every row marked `placement_ok: False` with `placement_problem`,
+    exactly as the Python time stage marks its rows (such a row is kept and never gated by `capsbench check`)."""
+    summary = runner_placement(result)
+    session = result.get("session") or {}
+    problem = summary["problem"] if summary is not None else None
+    if summary is None and session.get("requested", "cpu") != "cpu":
+        problem = f"placement unknown: {session.get('placement_error') or 'the runner recorded none'}"
+    rows = result.get("rows", [])
+    if problem is not None:
+        rows = [{**r, "placement_ok": False, "placement_problem": problem} for r in rows]
+    return {**result, "placement": summary, "rows": rows}
+
+
 def run_runner(
     binary: str | Path,
     model: str | Path,
@@ -300,7 +330,8 @@ def run_runner(
     """Time `model` with the C++ runner; its JSON: `rows` has one row per batch size with the harness's fields
     (backend 'ort_cpp_cpu'/'ort_cpp_cuda'/'ort_cpp_cuda_graph', p50_ms, ..., status/error), the statistics
     recomputed from the runner's raw samples by `latency.summarize` (spread, stability, samples_ms), unstable
-    when other processes took the cores while it ran (`latency.Contention`).
+    when other processes took the cores while it ran (`latency.Contention`). `placement`: where the nodes ran
+    (`runner_placement`); rows whose compute partly ran elsewhere say so (`label_placement`).
 
     input: a CBT1 file or an array (written to a temporary file); batch b takes its first b rows, cycling.
     None: random uniform [0, 1). output: the outputs of the last run (last batch size) as CBT1 records.
@@ -357,7 +388,7 @@ def run_runner(
                     seconds = [x / 1e3 for x in row["samples_ms"]]
                     stats = summarize(seconds, row["batch"], None if first is None else first / 1e3)
                     row.update(judge_contention(stats, contention))
-            return result
+            return label_placement(result)
         why = EXIT_CODES.get(res.returncode, f"exit code {res.returncode}")
         last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "(no message)"
         raise RunnerError(f"{RUNNER} failed ({why}): {last}", res.returncode, res.stderr)

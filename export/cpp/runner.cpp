@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -91,6 +92,9 @@ Options:
   --output FILE       write the outputs of the last run (last batch size) as CBT1 records, one per output
   --json FILE         write the JSON to FILE instead of stdout
   --help              this text
+
+The JSON's session.placement counts the kernels per provider and op type of one profiled, untimed run at the
+first batch size (in a session of its own); session.fallback says so when the requested provider ran no node.
 
 Exit codes: 0 ok, 1 runtime error, 2 usage, 3 bad model, 4 bad input, 5 provider unavailable,
 6 some batch size failed (JSON written; its row has status "error").
@@ -352,8 +356,9 @@ struct Runtime {
 
   Runtime(const Options& o, int t) : opt(o), threads(t), available(Ort::GetAvailableProviders()) {}
 
-  Ort::SessionOptions options(bool cuda_graph) const {
+  Ort::SessionOptions options(bool cuda_graph, const std::string& profile_prefix = "") const {
     Ort::SessionOptions so;
+    if (!profile_prefix.empty()) so.EnableProfiling(profile_prefix.c_str());
     so.SetGraphOptimizationLevel(opt_level(opt.opt_level));
     so.SetIntraOpNumThreads(threads);
     so.SetInterOpNumThreads(1);  // a chain of ops: parallelism is inside each op (as in the Python sessions)
@@ -393,8 +398,8 @@ struct Runtime {
     return so;
   }
 
-  Ort::Session open(bool cuda_graph) const {
-    Ort::SessionOptions so = options(cuda_graph);
+  Ort::Session open(bool cuda_graph, const std::string& profile_prefix = "") const {
+    Ort::SessionOptions so = options(cuda_graph, profile_prefix);
     try {
       return Ort::Session(env, opt.model.c_str(), so);
     } catch (const Ort::Exception& e) {
@@ -442,6 +447,82 @@ bool fixed_output_shapes(const ModelIO& io, int64_t batch, std::vector<std::vect
     out.push_back(shape);
   }
   return true;
+}
+
+// ----------------------------------------------------------------------------------------------- placement
+
+// The input rows of a batch: rows i % n of `base` for i < batch (capsbench.export.latency.take_batch).
+std::vector<uint8_t> take_batch(const cbt::Tensor& base, int64_t batch) {
+  const size_t row = base.data.size() / static_cast<size_t>(base.dims[0]);
+  std::vector<uint8_t> out(row * static_cast<size_t>(batch));
+  for (int64_t i = 0; i < batch; ++i)
+    std::memcpy(out.data() + i * row, base.data.data() + (i % base.dims[0]) * row, row);
+  return out;
+}
+
+// The string value of "key" in one event of ONNX Runtime's profile (one JSON object per line), or "".
+std::string profile_field(const std::string& line, const std::string& key) {
+  const std::string quoted = "\"" + key + "\"";
+  for (size_t at = line.find(quoted); at != std::string::npos; at = line.find(quoted, at + 1)) {
+    size_t i = at + quoted.size();
+    while (i < line.size() && line[i] == ' ') ++i;
+    if (i >= line.size() || line[i] != ':') continue;  // the text of a name, not a key
+    ++i;
+    while (i < line.size() && line[i] == ' ') ++i;
+    if (i >= line.size() || line[i] != '"') continue;
+    const size_t end = line.find('"', i + 1);
+    if (end == std::string::npos) return "";
+    return line.substr(i + 1, end - i - 1);
+  }
+  return "";
+}
+
+// provider -> op type -> kernels run: where ONNX Runtime really placed every node (capsbench.export.sessions.
+// placement_by_op reads the same profile events in Python). Read off one untimed run of a session of its own
+// opened with profiling, so that the timed session pays nothing for it.
+using Placement = std::map<std::string, std::map<std::string, int>>;
+
+Placement profile_placement(const Runtime& rt, const cbt::Tensor& base, int64_t batch) {
+  const char* tmpdir = std::getenv("TMPDIR");
+  std::string dir = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/capsbench-runner-XXXXXX";
+  if (mkdtemp(dir.data()) == nullptr) fail(kFailed, "cannot make a temporary folder for ONNX Runtime's profile");
+  std::string path;
+  Placement out;
+  try {
+    Ort::Session session = rt.open(false, dir + "/placement");
+    Ort::AllocatorWithDefaultOptions alloc;
+    const std::string in_name = session.GetInputNameAllocated(0, alloc).get();
+    std::vector<std::string> names;
+    for (size_t i = 0; i < session.GetOutputCount(); ++i)
+      names.emplace_back(session.GetOutputNameAllocated(i, alloc).get());
+    std::vector<const char*> out_names;
+    for (auto& n : names) out_names.push_back(n.c_str());
+    std::vector<uint8_t> host = take_batch(base, batch);
+    std::vector<int64_t> shape = base.dims;
+    shape[0] = batch;
+    Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    Ort::Value x = Ort::Value::CreateTensor(cpu, host.data(), host.size(), shape.data(), shape.size(),
+                                            static_cast<ONNXTensorElementDataType>(base.dtype));
+    const char* in = in_name.c_str();
+    session.Run(Ort::RunOptions{nullptr}, &in, &x, 1, out_names.data(), out_names.size());
+    path = session.EndProfilingAllocated(alloc).get();
+  } catch (...) {
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);  // a session ended by the error may have written its profile
+    throw;
+  }
+  std::ifstream f(path);
+  for (std::string line; std::getline(f, line);) {
+    if (profile_field(line, "cat") != "Node") continue;
+    const std::string name = profile_field(line, "name");
+    if (name.size() < 12 || name.compare(name.size() - 12, 12, "_kernel_time") != 0) continue;
+    std::string provider = profile_field(line, "provider"), op = profile_field(line, "op_name");
+    out[provider.empty() ? "?" : provider][op.empty() ? "?" : op] += 1;
+  }
+  f.close();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+  return out;
 }
 
 // ----------------------------------------------------------------------------------------------- benchmark
@@ -498,10 +579,12 @@ class Bench {
     const CudaRuntime* cuda = nullptr;
     Ort::MemoryInfo mem = on_cuda ? Ort::MemoryInfo("Cuda", OrtArenaAllocator, opt_.device_id, OrtMemTypeDefault)
                                   : Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    // The session's own allocator for the bound buffers, on CPU as on CUDA: one ownership path (the values it
+    // allocated must die before it), so the CPU test under AddressSanitizer checks the order CUDA relies on.
+    allocator_ = std::make_unique<Ort::Allocator>(session_, mem);
     if (on_cuda) {
       cuda_ = CudaRuntime::load();
       cuda = &cuda_;
-      allocator_ = std::make_unique<Ort::Allocator>(session_, mem);
       values_.push_back(Ort::Value::CreateTensor(*allocator_, shape.data(), shape.size(), io_.input_type));
       cuda_.copy(values_[0].GetTensorMutableRawData(), host.data(), host.size(), CudaRuntime::kHostToDevice);
     } else {
@@ -512,10 +595,9 @@ class Bench {
     binding_->BindInput(io_.input_name.c_str(), values_[0]);
     std::vector<std::vector<int64_t>> out_shapes;
     if (fixed_output_shapes(io_, shape[0], out_shapes)) {  // fixed buffers, reused by every run
-      Ort::AllocatorWithDefaultOptions host_alloc;
-      OrtAllocator* a = on_cuda ? static_cast<OrtAllocator*>(*allocator_) : static_cast<OrtAllocator*>(host_alloc);
       for (size_t i = 0; i < out_shapes.size(); ++i) {
-        values_.push_back(Ort::Value::CreateTensor(a, out_shapes[i].data(), out_shapes[i].size(), io_.output_types[i]));
+        values_.push_back(Ort::Value::CreateTensor(*allocator_, out_shapes[i].data(), out_shapes[i].size(),
+                                                   io_.output_types[i]));
         binding_->BindOutput(out_names_[i], values_.back());
       }
     } else {
@@ -585,15 +667,6 @@ std::string cpu_model() {
 }
 
 std::string element_name(ONNXTensorElementDataType t) { return cbt::dtype_name(static_cast<uint32_t>(t)); }
-
-// The input rows of a batch: rows i % n of `base` for i < batch (capsbench.export.latency.take_batch).
-std::vector<uint8_t> take_batch(const cbt::Tensor& base, int64_t batch) {
-  const size_t row = base.data.size() / static_cast<size_t>(base.dims[0]);
-  std::vector<uint8_t> out(row * static_cast<size_t>(batch));
-  for (int64_t i = 0; i < batch; ++i)
-    std::memcpy(out.data() + i * row, base.data.data() + (i % base.dims[0]) * row, row);
-  return out;
-}
 
 void write_atomically(const std::string& path, const std::function<void(std::ofstream&)>& body) {
   const std::string tmp = path + ".tmp";
@@ -673,6 +746,33 @@ int run(const Options& opt) {
   }
 
   const std::string provider = opt.provider == "cuda" ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+
+  // Where ONNX Runtime really placed the nodes (one profiled, untimed run at the first batch size): the requested
+  // provider first among those that ran nodes, and a fallback when it ran none (placement_summary in Python judges
+  // the compute nodes and Memcpy nodes from the same counts).
+  Placement placement;
+  std::string placement_error;
+  try {
+    placement = profile_placement(rt, base, batches[0]);
+  } catch (const Ort::Exception& e) {
+    placement_error = "OrtException: " + one_line(e.what()).substr(0, 500);
+  }
+  std::vector<std::string> used;
+  if (placement.count(provider)) used.push_back(provider);
+  for (auto& kv : placement)
+    if (kv.first != provider) used.push_back(kv.first);
+  Json fallback = Json::null();
+  if (placement_error.empty() && !placement.count(provider)) {
+    std::string ran;
+    for (auto& p : used) ran += (ran.empty() ? "" : ", ") + p;
+    fallback = Json::str("no node ran on " + provider + "; they ran on " + (ran.empty() ? "no provider" : ran));
+  }
+  std::vector<std::pair<std::string, Json>> by_provider;
+  for (auto& [p, ops] : placement) {
+    std::vector<std::pair<std::string, Json>> counts;
+    for (auto& [op, n] : ops) counts.emplace_back(op, Json::integer(n));
+    by_provider.emplace_back(p, Json::object(counts));
+  }
   const std::string backend = "ort_cpp_" + std::string(opt.cuda_graph ? "cuda_graph" : opt.provider);
   const Json threads_json = opt.provider == "cuda" ? Json::null() : Json::integer(threads);
 
@@ -743,7 +843,11 @@ int run(const Options& opt) {
                      {"providers", opt.provider == "cuda" ? Json::strs({provider, "CPUExecutionProvider"})
                                                           : Json::strs({provider})},
                      {"available_providers", Json::strs(rt.available)},
-                     {"fallback", Json::null()},
+                     {"providers_used", placement_error.empty() ? Json::strs(used) : Json::null()},
+                     {"placement", placement_error.empty() ? Json::object(by_provider) : Json::null()},
+                     {"placement_batch", Json::integer(batches[0])},
+                     {"placement_error", placement_error.empty() ? Json::null() : Json::str(placement_error)},
+                     {"fallback", fallback},
                      {"threads", threads_json},
                      {"opt_level", Json::str(opt.opt_level)},
                      {"io_binding", Json::boolean(opt.io_binding)},

@@ -104,7 +104,9 @@ def time_config_cpp(
             ),
             "passed": err <= PARITY_ATOL,
         }
-        runner_info[v.name] = {k: result.get(k) for k in ("provider", "threads", "onnxruntime", "session")}
+        runner_info[v.name] = {
+            k: result.get(k) for k in ("provider", "threads", "onnxruntime", "session", "placement")
+        }
         rows += [{"variant": v.name, **r} for r in pool_rounds(rounds)]
         del session
     failed = [name for name, p in parity.items() if not p["passed"]]

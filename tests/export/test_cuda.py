@@ -2,6 +2,8 @@
 with every node on the CUDA provider, and training on CUDA. `scripts/gpu-check.sh` runs them (pytest -m cuda).
 
 Without a GPU that both torch and ONNX Runtime's CUDA provider can use, every test here skips with one reason.
+The C++ runner's CUDA tests (`--io-binding`, `--cuda-graph`) are in test_cpp_runner.py, cuda-marked and skipped
+with the same reason.
 """
 
 import copy

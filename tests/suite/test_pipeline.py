@@ -57,6 +57,10 @@ def test_all_runs_every_stage_for_every_config(smoke_all_run):
         assert {"torch_eager", "ort_cpu"} <= backends
         cpp = _json(folder / "latency_cpp.json")
         assert all(p["passed"] for p in cpp["parity"].values())
+        # The runner's own placement check reaches the result: every exported net's compute ran on the CPU EP.
+        assert cpp["runner"] and all(
+            r["placement"]["all_compute_on_provider"] for r in cpp["runner"].values()
+        )
         assert {r["variant"] for r in cpp["rows"]} == {
             r["variant"] for r in _json(folder / "latency.json")["rows"]
         }
