@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# Every CUDA check of capsbench in one call: the cuda-marked tests, then the CUDA figures of the quick preset's
-# net (training images/s; ONNX Runtime CUDA with IOBinding and CUDA graphs vs torch eager and torch.compile at
-# batch 1 and 64; node placement; first-run time) into one JSON file (default gpu-check.json).
+# Every CUDA check of capsbench in one call, each step under its own timeout and the whole within --budget
+# (default 600 s): the cuda-marked tests (pytest -m cuda: ORT CUDA, IOBinding, CUDA graphs, the C++ runner's
+# --io-binding and --cuda-graph, training); the quick preset's net trained (images/s); its training step in fp32,
+# bf16 and torch.compile reduce-overhead; ONNX Runtime CUDA with IOBinding and CUDA graphs vs torch eager and
+# torch.compile at batch 1 and 64 with node placement; the C++ runner on CUDA (IOBinding, CUDA graphs) beside
+# Python ORT; the time and cpp stages end to end on the smoke preset. One JSON file (default gpu-check.json)
+# holds every figure, every step's status and every problem.
 #
 #   scripts/gpu-check.sh [--wheels DIR] [--out FILE] [--allow-cpu] [--skip-tests] [...]   (--help: all options)
 #
 # Without a CUDA GPU it exits 2 with one line; --allow-cpu measures the same on CPU and writes "cuda": false.
 #
-# A GPU machine without a package registry: carry the wheels it lacks in a folder and pass --wheels DIR.
-# They are installed with --no-index --no-deps (the machine's own torch stays). Fill DIR where pip works, for
-# the GPU machine's Python (here 3.12) and platform, e.g.
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#       -d DIR 'onnxruntime-gpu>=1.22,<1.33'
-# and any of capsbench's other requirements that `pip show` says are missing there (docker, tqdm, ...). Where
-# a transfer limits file sizes, `split -b 60M` a wheel and join the parts there with `cat` before the call.
-# The data: Fashion-MNIST in ~/.cache/capsbench/data (or --data-dir); `capsbench data fetch` copies it from
-# Debian's dataset-fashion-mnist package, or carry the four *-ubyte.gz files.
+# A GPU machine without a package registry: scripts/gpu-bundle.sh makes, where pip works, a bundle of what it
+# lacks (onnxruntime-gpu for its CUDA major and Python, capsbench's other missing wheels, ONNX Runtime's headers,
+# Fashion-MNIST, this checkout) in parts of a chosen size; `bash join.sh` there joins and verifies them, installs
+# offline and runs this check. Or carry the wheels in a folder and pass --wheels DIR: they are installed with
+# --no-index --no-deps (the machine's own torch stays).
+# The data: Fashion-MNIST in ~/.cache/capsbench/data (or --data-dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

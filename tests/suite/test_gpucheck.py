@@ -49,7 +49,7 @@ def test_gpu_check_allow_cpu_writes_the_cpu_figures(tmp_path, fashion_data_dir):
         "--train-images", "2048",
         "--batch-sizes", "1", "4",
         "--warmup", "2", "--iters", "5", "--max-seconds", "2",
-        "--no-compile",
+        "--no-compile", "--timeout-scale", "10", "--budget", "3000",
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -72,6 +72,34 @@ def test_gpu_check_allow_cpu_writes_the_cpu_figures(tmp_path, fashion_data_dir):
     assert set(rows) == {(b, n) for b in ("ort_cpu", "torch_eager") for n in (1, 4)}
     assert all(row["status"] == "ok" and row["first_run_ms"] > 0 for row in rows.values())
     assert r["doctor"]["will_use"]["ort_provider"] == CPU
+    # Every step ran within its timeout.
+    assert {k: v["status"] for k, v in r["steps"].items()} == dict.fromkeys(
+        ("tests", "training", "train_steps", "latency", "cpp", "stages"), "ok"
+    )
+    # The training step in fp32 and bf16 (reduce-overhead left out with --no-compile), under IEEE fp32.
+    ts = r["train_steps"]
+    assert [(row["backend"], row["precision"], row["status"]) for row in ts["rows"]] == [
+        ("eager", "fp32", "ok"),
+        ("eager", "bf16", "ok"),
+    ]
+    assert ts["precision_policy"]["torch_tf32"] is False and all(
+        row["images_per_s"] > 0 for row in ts["rows"]
+    )
+    # The C++ runner with IOBinding (no CUDA graphs on CPU), every node on its provider, beside Python ORT.
+    (run,) = r["cpp"]["runs"].values()
+    assert (
+        run["backend"] == "ort_cpp_cpu"
+        and run["session"]["io_binding"]
+        and run["placement"]["problem"] is None
+    )
+    assert [(row["batch"], row["status"]) for row in run["rows"]] == [(1, "ok"), (4, "ok")]
+    assert all(row["cpp_over_python_p50"] > 0 for row in run["rows"])
+    # The time and cpp stages end to end on the smoke preset's first config.
+    st = r["stages"]
+    assert st["exit_code"] == 0 and st["time"]["rows"] and st["cpp"]["rows"]
+    assert all(
+        row["status"] == "ok" and "placement_ok" not in row for row in st["time"]["rows"] + st["cpp"]["rows"]
+    )
 
 
 def test_placement_by_op_counts_the_same_kernels_as_node_placement(tmp_path):
@@ -125,3 +153,75 @@ def test_a_cuda_run_is_not_ok_when_its_tests_skipped_or_compute_left_cuda():
     assert "4 skipped on a CUDA machine" in skip
     (placement,) = gpucheck.problems_of(result(cuda=True, skipped=0, off_cuda=True))
     assert "Conv" in placement and "2 Memcpy" in placement
+
+
+def test_each_step_runs_under_its_own_timeout_and_a_failed_step_is_a_problem():
+    import time as _time
+
+    result = {"cuda": True}
+    assert gpucheck.run_step(result, "fine", 5, lambda t: t * 2) == 10
+    t0 = _time.perf_counter()
+    assert (
+        gpucheck.run_step(result, "stuck", 1, lambda t: _time.sleep(60)) is None
+    )  # stopped at 1 s (+ margin)
+    assert _time.perf_counter() - t0 < 30
+    assert gpucheck.run_step(result, "broken", 5, lambda t: 1 / 0) is None
+    assert gpucheck.run_step(result, "late", 0.2, lambda t: 1) is None  # no time left of the budget
+    steps = result["steps"]
+    assert [steps[k]["status"] for k in ("fine", "stuck", "broken", "late")] == [
+        "ok",
+        "timeout",
+        "error",
+        "skipped",
+    ]
+    assert "ZeroDivisionError" in steps["broken"]["error"] and "timeout" in steps["stuck"]["error"]
+    problems = gpucheck.problems_of(result)
+    assert [p.split(":")[0] for p in problems] == ["step stuck", "step broken", "step late"]
+
+
+def test_cpp_runner_and_stage_rows_off_cuda_are_problems_on_a_cuda_machine():
+    problem = "compute nodes off CUDAExecutionProvider: Softmax x2"
+    cpp_row = {"batch": 1, "status": "ok", "placement_ok": False, "placement_problem": problem}
+    result = {
+        "cuda": True,
+        "cpp": {
+            "runs": {
+                "io_binding": {
+                    "placement": {"all_compute_on_cuda": False, "problem": problem},
+                    "rows": [cpp_row],
+                },
+                "cuda_graph": {
+                    "placement": {"all_compute_on_cuda": True},
+                    "rows": [{"batch": 1, "status": "error", "error": "OrtException: capture"}],
+                },
+            }
+        },
+        "stages": {
+            "exit_code": 0,
+            "time": {
+                "rows": [
+                    {
+                        "variant": "trained",
+                        "backend": "ort_cuda",
+                        "batch": 8,
+                        "status": "ok",
+                        "placement_ok": False,
+                        "placement_problem": problem,
+                    }
+                ]
+            },
+            "cpp": None,
+        },
+        "train_steps": {
+            "rows": [{"backend": "eager", "precision": "bf16", "status": "ok", "final_loss": float("nan")}]
+        },
+    }
+    assert gpucheck.problems_of(result) == [
+        "train step eager bf16: the loss is nan",
+        f"C++ runner io_binding: {problem}",
+        "C++ runner cuda_graph batch 1: OrtException: capture",
+        f"time stage trained ort_cuda batch 8: {problem}",
+        "capsbench all: the cpp stage wrote no result",
+    ]
+    result["cuda"] = False  # --allow-cpu: the CPU placement is not judged against CUDA
+    assert f"C++ runner io_binding: {problem}" not in gpucheck.problems_of(result)
