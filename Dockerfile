@@ -112,13 +112,27 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel -r ubuntu 2>/dev/null || userd
 
 COPY --from=builder /opt/venv /opt/venv
 
-# One line on stderr when no GPU was passed in (`--gpus all`): the suite then runs on the CPU.
-RUN printf '%s\n' '#!/bin/sh' \
-        'if [ ! -e /dev/nvidiactl ]; then case "${1:-}" in ""|-h|--help|--version) ;; *)' \
-        '  echo "capsbench: no GPU in this container (start it with --gpus all for CUDA): running on the CPU" >&2;;' \
-        'esac; fi' \
+# One line on stderr whenever the suite will run on the CPU: no GPU passed in (`--gpus all` missing; and whether
+# the image could use one), or GPUs passed in to an image that cannot use them (a CPU-only torch or onnxruntime:
+# built with another TORCH/ORT). /etc/capsbench-cuda-missing, written here at build time, says what
+# of the image lacks CUDA (empty: both torch and ONNX Runtime are CUDA builds). A GPU is passed in when the
+# NVIDIA device nodes are there (/dev/nvidiactl or /dev/nvidia0, ...).
+RUN /opt/venv/bin/python -c 'import onnxruntime as o, torch; \
+m = [] if torch.version.cuda else [f"torch {torch.__version__} is a CPU-only build"]; \
+m += [] if "CUDAExecutionProvider" in o.get_available_providers() else [f"onnxruntime {o.__version__} has no CUDA provider"]; \
+print("; ".join(m))' > /etc/capsbench-cuda-missing \
+    && printf '%s\n' '#!/bin/sh' \
+        'case "${1:-}" in ""|-h|--help|--version) exec /opt/venv/bin/capsbench "$@";; esac' \
+        'gpu=no; for d in /dev/nvidiactl /dev/nvidia[0-9]*; do [ -e "$d" ] && gpu=yes; done' \
+        'missing=$(cat /etc/capsbench-cuda-missing 2>/dev/null)' \
+        'if [ "$gpu" = no ]; then' \
+        '  echo "capsbench: no GPU in this container (start it with --gpus all for CUDA): running on the CPU${missing:+; this image is CPU-only too ($missing)}" >&2' \
+        'elif [ -n "$missing" ]; then' \
+        '  echo "capsbench: a GPU was passed in, but this image cannot use it ($missing): running on the CPU" >&2' \
+        'fi' \
         'exec /opt/venv/bin/capsbench "$@"' > /usr/local/bin/capsbench-entrypoint \
     && chmod 755 /usr/local/bin/capsbench-entrypoint \
+    && sh -n /usr/local/bin/capsbench-entrypoint \
     && /opt/venv/bin/capsbench-runner --help >/dev/null \
     && /opt/venv/bin/python -c "import capsbench.suite.cli, torch, onnxruntime"
 

@@ -139,13 +139,44 @@ def _toolchain() -> dict[str, Any]:
     }
 
 
+# Where the NVIDIA Container Toolkit's CDI specs live (`nvidia-ctk cdi generate` writes one of them).
+CDI_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
+
+
+def nvidia_container_toolkit(
+    path: str | None = None, cdi_dirs: tuple[Path, ...] = CDI_DIRS
+) -> dict[str, Any]:
+    """What serves `docker run --gpus` besides a registered `nvidia` runtime: the toolkit's prestart hook
+    (`nvidia-container-runtime-hook`, which dockerd calls for --gpus) or `nvidia-ctk` on PATH, and CDI specs of
+    NVIDIA devices (kind nvidia.com/gpu) in /etc/cdi or /var/run/cdi. `path`: a PATH to search instead."""
+    specs = []
+    for d in cdi_dirs:
+        for f in sorted(d.glob("*")) if d.is_dir() else []:
+            try:
+                if f.suffix in (".yaml", ".yml", ".json") and "nvidia.com/gpu" in f.read_text(
+                    errors="replace"
+                ):
+                    specs.append(str(f))
+            except OSError:
+                continue
+    return {
+        "hook": shutil.which("nvidia-container-runtime-hook", path=path),
+        "nvidia_ctk": shutil.which("nvidia-ctk", path=path),
+        "cdi_specs": specs,
+    }
+
+
 def _docker() -> dict[str, Any]:
-    """The docker client binary, and whether a daemon answers, with its runtimes (nvidia = GPU containers)."""
+    """The docker client binary, and whether a daemon answers, with its runtimes (nvidia = GPU containers), and
+    what else of the NVIDIA Container Toolkit serves --gpus (its hook, nvidia-ctk, CDI specs)."""
+    toolkit = nvidia_container_toolkit()
     info: dict[str, Any] = {
         "client": _first_line(["docker", "--version"]),
         "daemon": False,
         "runtimes": [],
+        "nvidia_toolkit": toolkit,
         "gpu_runtime": False,
+        "gpu_support": gpu_support([], toolkit),
     }
     try:
         from capsbench.suite.docker import DockerError, client
@@ -158,10 +189,24 @@ def _docker() -> dict[str, Any]:
         daemon = c.info()
         info.update(daemon=True, server_version=daemon.get("ServerVersion"))
         info["runtimes"] = sorted(daemon.get("Runtimes") or {})
-        info["gpu_runtime"] = "nvidia" in info["runtimes"]
+        info["gpu_support"] = gpu_support(info["runtimes"], toolkit)
+        info["gpu_runtime"] = bool(info["gpu_support"])
     finally:
         c.close()
     return info
+
+
+def gpu_support(runtimes: list[str], toolkit: dict[str, Any]) -> list[str]:
+    """What lets a daemon give containers GPUs: a registered nvidia runtime, the toolkit's hook or nvidia-ctk,
+    NVIDIA CDI specs (empty: nothing found)."""
+    found = ["runtime nvidia"] if "nvidia" in runtimes else []
+    found += [
+        f"{name} {toolkit[key]}"
+        for key, name in (("hook", "hook"), ("nvidia_ctk", "nvidia-ctk"))
+        if toolkit[key]
+    ]
+    found += [f"CDI {spec}" for spec in toolkit["cdi_specs"]]
+    return found
 
 
 def _datasets(data_dir: str | Path | None) -> dict[str, Any]:
@@ -236,8 +281,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"            a session here runs on: {o['session']['provider'] or 'none'}"
         + (f" ({o['session']['fallback']})" if o["session"].get("fallback") else ""),
         f"c++ runner  cmake: {tc['cmake'] or 'missing'}; compiler: {tc['cxx_version'] or 'missing'}",
-        f"docker      client: {d['client'] or 'missing'}; {daemon}; GPU runtime (nvidia): "
-        f"{_yes(d['gpu_runtime'])}",
+        f"docker      client: {d['client'] or 'missing'}; {daemon}; GPUs in containers (NVIDIA runtime, "
+        f"toolkit hook or CDI): {', '.join(d['gpu_support']) or 'no'}",
         f"datasets    {', '.join(ds['present']) or 'none'} in {ds['data_dir']}"
         + "".join(f"; {name}: {state}" for name, state in ds["problems"].items()),
         "",

@@ -7,16 +7,17 @@ torch.compile are timed on the same preloaded batch, with the compile time repor
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from capsbench.export.latency import gemm_gflops
+from capsbench.export.latency import _tf32_knobs, fp32_torch, gemm_gflops
 from capsbench.models import CapsNet, build_capsnet, margin_loss, reconstruction_loss
 from capsbench.models.pruning import flop_breakdown
 from capsbench.suite import data as datasets
@@ -29,6 +30,28 @@ TRAIN_BENCH_FILE = "train_bench.json"
 BACKENDS = ("eager", "compiled")
 # A training step: forward + backward (grad wrt activations and wrt weights, each ~ the forward's work).
 TRAIN_STEP_FORWARDS = 3
+
+
+@contextlib.contextmanager
+def precision_policy(tf32: bool = False) -> Iterator[dict[str, Any]]:
+    """The timing harness's precision policy for the whole benchmark (the GEMM rate too): fp32 is IEEE fp32
+    (`latency.fp32_torch`), unless TF32 is asked for, explicitly, and then recorded as such. bf16/fp16 rows run
+    under autocast either way; the policy governs what stays in fp32. Restored afterwards; yields the record."""
+    if not tf32:
+        with fp32_torch() as policy:
+            yield policy
+        return
+    knobs = _tf32_knobs()
+    saved = [getattr(o, a) for o, a, _, _ in knobs]
+    on = ["tf32" if a == "fp32_precision" else True for _, a, _, _ in knobs]
+    try:
+        for (o, a, _, _), v in zip(knobs, on, strict=True):
+            setattr(o, a, v)
+        settings = {name: v for (_, _, _, name), v in zip(knobs, on, strict=True)}
+        yield {"fp32": "tf32", "torch_tf32": True, "asked": "tf32=True", "torch_settings": settings}
+    finally:
+        for (o, a, _, _), v in zip(knobs, saved, strict=True):
+            setattr(o, a, v)
 
 
 def forward_macs(model: CapsNet) -> dict[str, int]:
@@ -160,10 +183,26 @@ def run_train_bench(
     deterministic: bool = False,
     data_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Time a training step of each preset's heaviest net per backend and precision; write `out_path` (kind
-    "train_bench"). The GEMM rate the rows are compared with is fp32's, whatever their precision."""
-    device = torch.device(device)
+    "train_bench"). The GEMM rate the rows are compared with is fp32's, whatever their precision. Under the
+    timing harness's precision policy (`precision_policy`: IEEE fp32 unless `tf32`), recorded in the result."""
+    with precision_policy(tf32) as policy:
+        result = _train_bench(
+            presets, backends, precisions, channels_last, torch.device(device), warmup, steps, compile_mode,
+            deterministic, data_dir, progress,
+        )  # fmt: skip
+    result["precision_policy"] = policy
+    if out_path is not None:
+        write_json(Path(out_path), "train_bench", result)
+    return result
+
+
+def _train_bench(
+    presets, backends, precisions, channels_last, device, warmup, steps, compile_mode, deterministic, data_dir,
+    progress,
+) -> dict[str, Any]:  # fmt: skip
     say = progress or (lambda _msg: None)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     gemm_before = gemm_gflops(device=device, iters=10)
@@ -226,8 +265,6 @@ def run_train_bench(
         "rows": rows,
         "environment": environment(device),
     }
-    if out_path is not None:
-        write_json(Path(out_path), "train_bench", result)
     return result
 
 

@@ -67,6 +67,12 @@ def register(sub) -> None:
         help="store the convs' weights and the batch channels-last (NHWC) for oneDNN; measured on 2 CPU threads: "
         "1.1 x on the quick net eager, within the noise on sabour and depth",
     )
+    t.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 for fp32 matmuls and convolutions on CUDA (recorded in the result); default: IEEE fp32, "
+        "as the timing harness",
+    )
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     t.add_argument(
         "--out",
@@ -94,6 +100,7 @@ def run(args) -> int:
         deterministic=args.deterministic,
         channels_last=args.channels_last,
         data_dir=args.data_dir,
+        tf32=args.tf32,
     )
     print(format_train_bench(result))
     print(f"results: {args.out}")

@@ -1,5 +1,6 @@
 """The Ray executor: each config's chain of stages up to the ONNX export (train -> health -> prune -> export) is
-one Ray task, one GPU per task where the cluster has GPUs, else one CPU; the timing stages (time, cpp) run
+one Ray task, one GPU (and its share of the CPUs) per task where the cluster has GPUs, else one CPU, with every
+thread pool of the task (torch, ONNX Runtime's CPU sessions) sized to the CPUs it reserved; the timing stages (time, cpp) run
 afterwards on the driver, one config after another, once every chain has finished.
 
 Why timing waits for a phase of its own on the driver: latency measured beside other work (another config's
@@ -16,9 +17,11 @@ finished stage (and training from its last finished epoch).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from capsbench.suite.errors import CapsbenchError
 
@@ -38,9 +41,41 @@ def check_installed() -> None:
         raise RayMissingError(INSTALL_HINT) from None
 
 
-def _chain(run_one: Callable, cfg, names: list[str]):
-    """One config's chain, in a Ray worker."""
-    return run_one(cfg, names)
+@contextlib.contextmanager
+def reserved_threads(cpus: int) -> Iterator[None]:
+    """Every thread pool of the chain sized to the CPUs Ray reserved for its task: torch's (Ray sets
+    OMP_NUM_THREADS, this makes sure) and ONNX Runtime's CPU sessions (export's parity), which otherwise take
+    every core of the node (`sessions.default_threads`) beside the other tasks' work. Restored afterwards (Ray
+    reuses worker processes)."""
+    import torch
+
+    from capsbench.export import sessions
+
+    saved = torch.get_num_threads(), sessions.default_threads, os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(cpus)
+    sessions.default_threads = lambda: cpus  # make_session looks it up when called
+    os.environ["OMP_NUM_THREADS"] = str(cpus)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        sessions.default_threads = saved[1]
+        if saved[2] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[2]
+
+
+def _chain(run_one: Callable, cfg, names: list[str], cpus: int = 1):
+    """One config's chain, in a Ray worker, on the `cpus` CPUs its task reserved."""
+    with reserved_threads(cpus):
+        return run_one(cfg, names)
+
+
+def cpus_per_task(cluster_cpus: int, cluster_gpus: int) -> int:
+    """A GPU task reserves its GPU's share of the CPUs (its data loading and ONNX Runtime's CPU parity run on
+    them); a CPU task one CPU, so that as many configs run at once as there are CPUs."""
+    return max(1, cluster_cpus // cluster_gpus) if cluster_gpus else 1
 
 
 def make(address: str | None = None, max_retries: int = MAX_RETRIES) -> Callable:
@@ -108,13 +143,17 @@ def _submit(configs, chain, run_one, log, max_retries) -> dict:
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    per_task = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    task_cpus = cpus_per_task(cpus, gpus)
+    per_task = {"num_gpus": 1, "num_cpus": task_cpus} if gpus else {"num_cpus": task_cpus}
     task = ray.remote(max_retries=max_retries, retry_exceptions=False, **per_task)(_chain)
     log(
         f"ray: {len(configs)} configs ({' -> '.join(chain)}) on a cluster of {cpus} CPUs and {gpus} GPUs, "
-        f"one {'GPU' if gpus else 'CPU'} per config, up to {max_retries} retries"
+        f"{'one GPU and ' if gpus else ''}{task_cpus} CPU(s) (threads) per config, up to {max_retries} retries"
     )
-    refs = {task.options(name=f"capsbench:{cfg.id}").remote(run_one, cfg, chain): cfg for cfg in configs}
+    refs = {
+        task.options(name=f"capsbench:{cfg.id}").remote(run_one, cfg, chain, task_cpus): cfg
+        for cfg in configs
+    }
     outcomes, pending, t0 = {}, list(refs), time.perf_counter()
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

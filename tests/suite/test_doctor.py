@@ -31,6 +31,7 @@ def test_doctor_json_matches_this_machine(capsys, fashion_data_dir):
     # The provider a real session got is one ORT offers; the report never invents one.
     assert r["will_use"]["ort_provider"] in ort.get_available_providers()
     assert isinstance(r["docker"]["runtimes"], list) and isinstance(r["docker"]["gpu_runtime"], bool)
+    assert set(r["docker"]["nvidia_toolkit"]) == {"hook", "nvidia_ctk", "cdi_specs"}
 
 
 @no_gpu
@@ -61,3 +62,27 @@ def test_a_cuda_major_mismatch_between_onnxruntime_and_torch_is_named(monkeypatc
     assert doctor.cuda_major_mismatch() is None
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch: nothing to mismatch
     assert doctor.cuda_major_mismatch() is None
+
+
+def test_gpus_in_docker_are_seen_through_the_toolkit_hook_and_cdi_specs_too(tmp_path):
+    """`docker run --gpus` is served by a registered nvidia runtime, or by the NVIDIA Container Toolkit's hook
+    alone (dockerd calls nvidia-container-runtime-hook), or through CDI specs: doctor accepts each, by name."""
+    from capsbench.suite.doctor import gpu_support, nvidia_container_toolkit
+
+    bin_dir, cdi = tmp_path / "bin", tmp_path / "cdi"
+    bin_dir.mkdir()
+    cdi.mkdir()
+    nothing = nvidia_container_toolkit(path=str(bin_dir), cdi_dirs=(cdi, tmp_path / "absent"))
+    assert nothing == {"hook": None, "nvidia_ctk": None, "cdi_specs": []}
+    assert gpu_support(["runc"], nothing) == [] and gpu_support(["nvidia", "runc"], nothing) == [
+        "runtime nvidia"
+    ]
+
+    hook = bin_dir / "nvidia-container-runtime-hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    (cdi / "other.yaml").write_text("cdiVersion: 0.5.0\nkind: vendor.com/device\n")  # not NVIDIA's
+    (cdi / "nvidia.yaml").write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: all\n")
+    found = nvidia_container_toolkit(path=str(bin_dir), cdi_dirs=(cdi,))
+    assert found["hook"] == str(hook) and found["cdi_specs"] == [str(cdi / "nvidia.yaml")]
+    assert gpu_support(["runc"], found) == [f"hook {hook}", f"CDI {cdi / 'nvidia.yaml'}"]

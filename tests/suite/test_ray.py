@@ -263,3 +263,34 @@ def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch, 
     assert code == 2 and err.count("\n") == 1
     assert "pip install 'capsbench[ray]'" in err
     assert not (tmp_path / "smoke").exists()  # nothing ran
+
+
+def test_a_task_runs_every_thread_pool_on_the_cpus_it_reserved(tmp_path):
+    """Ray reserves CPUs per task (a GPU task its GPU's share); inside the task torch and ONNX Runtime's CPU
+    sessions (export's parity) use that many threads, not every core of the node, and the worker is restored."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from capsbench.export import sessions
+    from capsbench.suite.executors.ray import _chain, cpus_per_task
+
+    assert cpus_per_task(64, 8) == 8 and cpus_per_task(6, 4) == 1 and cpus_per_task(16, 0) == 1
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+        tmp_path / "m.onnx",
+    )
+
+    def run_one(cfg, names):  # what a chain's stages see
+        s = sessions.make_session(tmp_path / "m.onnx", "cpu")  # as validate.parity makes it: no threads given
+        s.run(np.ones((1, 2), np.float32))
+        return s.info["threads"], torch.get_num_threads(), os.environ["OMP_NUM_THREADS"], cfg, names
+
+    before, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    assert _chain(run_one, "cfg", ["train"], cpus=1) == (1, 1, "1", "cfg", ["train"])
+    assert torch.get_num_threads() == before and os.environ.get("OMP_NUM_THREADS") == omp
+    assert sessions.make_session(tmp_path / "m.onnx", "cpu").info["threads"] == sessions.default_threads()

@@ -78,3 +78,30 @@ def test_a_channels_last_step_trains_like_the_contiguous_one(fashion_data_dir):
     assert [r["memory_format"] for r in rows] == ["contiguous", "channels_last"]
     assert rows[1]["status"] == "ok", rows[1].get("error")
     assert rows[1]["final_loss"] == pytest.approx(rows[0]["final_loss"], rel=1e-4)
+
+
+def test_the_benchmark_runs_under_the_timing_harness_precision_policy(fashion_data_dir):
+    """fp32 is IEEE fp32 while the steps (and the GEMM rate) are timed, as in the timing harness, recorded in the
+    result and restored afterwards; TF32 only when asked for, and then recorded as such."""
+    from capsbench.export.latency import _tf32_knobs
+
+    knobs = _tf32_knobs()
+    before = [getattr(o, a) for o, a, _, _ in knobs]
+    seen = []
+
+    def progress(line):  # called inside the sweep, after each row
+        if "img/s" in line or "error" in line:
+            seen.append([getattr(o, a) for o, a, _, _ in knobs])
+
+    kw = dict(backends=("eager",), warmup=0, steps=1, data_dir=fashion_data_dir, progress=progress)
+    result = trainbench.run_train_bench(["smoke"], **kw)
+    assert seen == [[v for _, _, v, _ in knobs]]  # IEEE while the step ran
+    assert [getattr(o, a) for o, a, _, _ in knobs] == before
+    assert result["precision_policy"]["torch_tf32"] is False and result["precision_policy"]["fp32"] == "ieee"
+    assert set(result["precision_policy"]["torch_settings"]) == {name for *_, name in knobs}
+
+    seen.clear()
+    result = trainbench.run_train_bench(["smoke"], tf32=True, **kw)
+    assert seen == [["tf32" if a == "fp32_precision" else True for _, a, _, _ in knobs]]
+    assert result["precision_policy"]["torch_tf32"] is True and result["precision_policy"]["fp32"] == "tf32"
+    assert [getattr(o, a) for o, a, _, _ in knobs] == before
