@@ -27,6 +27,7 @@ COMMANDS = (
     "time",
     "report",
     "check",
+    "history",
     "bench",
     "docker",
     "doctor",
