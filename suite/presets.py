@@ -70,6 +70,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class Stratum:
+    """A part of a preset's study with its own configs, seeds, stages and pruning (e.g. the `depth` preset trains
+    a wide grid for the depth claims and prunes only the configs at the cliff's edge)."""
+
+    name: str
+    build: Callable[[], list[RunConfig]]
+    seeds: int = 1
+    stages: tuple[str, ...] | None = None  # None: every stage the command runs
+    prune: PruneSettings | None = None  # None: the preset's
+
+    def configs(self, seeds: int | None = None) -> list[RunConfig]:
+        seeds = self.seeds if seeds is None else seeds
+        return [c.replace(seed=c.seed + k) for c in self.build() for k in range(seeds)]
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
@@ -83,9 +99,15 @@ class Preset:
     time_batch_sizes: tuple[int, ...] | None = None
     time_min_rounds: int | None = None
 
+    # Parts of the study with their own configs, seeds, stages and pruning; empty: one stratum of everything.
+    strata: tuple[Stratum, ...] = ()
+
+    def stratum_list(self) -> tuple[Stratum, ...]:
+        return self.strata or (Stratum("all", self.build, self.seeds, None, self.prune),)
+
     def configs(self, seeds: int | None = None) -> list[RunConfig]:
-        seeds = self.seeds if seeds is None else seeds
-        return [c.replace(seed=c.seed + k) for c in self.build() for k in range(seeds)]
+        """Every config of every stratum, each once, in the strata's order."""
+        return list(dict.fromkeys(c for st in self.stratum_list() for c in st.configs(seeds)))
 
 
 PRESETS: dict[str, Preset] = {}
@@ -135,31 +157,68 @@ def _smoke() -> list[RunConfig]:
     return capsule_grid(base, num_caps=[8], dims=[8], depths=[0, 3])
 
 
-@register_preset(
-    "depth",
-    "the vanishing-activation cliff on 2 CPU cores: sahu 16/32/64, fan_in init, capsules x dims {8x8, 8x16, "
-    "16x8} x {2, 4} intermediate layers (either side of the cliff), 3 seeds, 6000 images, 1 epoch + 1 of "
-    "fine-tuning; one pruning pair beside the three controls; only the first config is timed (batch 1, 32)",
-    prune=PruneSettings(pairs=((0.5, 0.5),), finetune_epochs=1, controls=CONTROLS),
-    seeds=3,
-    timed_configs=1,
-    time_batch_sizes=(1, 32),
-)
-def _depth() -> list[RunConfig]:
-    # fan_in: the scheme under which the cliff lies inside a CPU budget (scripts/measure_cliff.json: after one
-    # epoch on 6000 images the first depth with inactive capsules is 3 for 16 capsules, 4 for 8; under
-    # "coupled" there is none up to depth 6). Depth 2 is healthy for every shape, depth 4 past the cliff.
-    base = RunConfig(
+def _depth_base() -> RunConfig:
+    # fan_in: the scheme under which the cliff lies inside a CPU budget (docs/presets-and-pruning.md, the
+    # pre-check): at initialisation the largest routed-layer gradient is >= 3.6e-6 at depth 2 (the net trains),
+    # 1e-11 to 1e-8 at depth 3 (the edge: it ends partly alive), <= 2e-17 at depth 4 (it stays dead).
+    return RunConfig(
         model=CapsNetConfig(backbone="sahu", backbone_channels=(16, 32, 64), caps_init="fan_in"),
         epochs=1,
         batch_size=64,  # as measured: 94 steps, enough for depth 2 to recover from its dead start
         train_subset=6000,
         eval_subset=1000,
     )
-    # 16 x 16, the costliest shape (about 40 % of the training), is left out to fit 30 minutes on 2 cores with
-    # 3 seeds and the controls: 8x8 vs 8x16 varies the dimension, 8x8 vs 16x8 the count.
-    grid = capsule_grid(base, num_caps=[8, 16], dims=[8, 16], depths=[2, 4])
-    return [c for c in grid if (c.model.primary_types, c.model.primary_dim) != (16, 16)]
+
+
+# 16 x 16, the costliest shape, is left out: 8x8 vs 8x16 varies the dimension, 8x8 vs 16x8 the count.
+DEPTH_SHAPES = ((8, 8), (8, 16), (16, 8))
+DEPTH_EDGE = ((16, 8), (8, 16))  # placed at the edge at depth 3 by the pre-check, deepest into it first
+
+
+def _shape(n: int, d: int, depth: int) -> RunConfig:
+    return _depth_base().replace(primary_types=n, primary_dim=d, intermediate=((n, d),) * depth)
+
+
+def _depth_grid() -> list[RunConfig]:
+    return [_shape(n, d, depth) for depth in (1, 2, 3, 4) for n, d in DEPTH_SHAPES]
+
+
+register_preset(
+    "depth",
+    "the vanishing-activation cliff on 2 CPU cores (sahu 16/32/64, fan_in, 6000 images, 1 epoch), in strata: "
+    "{8x8, 8x16, 16x8} x depths 1-4 x 3 seeds trained for the depth and dimension claims; the two shapes the "
+    "pre-check places at the edge (depth 3) x 5 seeds pruned at (0.5, 0.5) with the ablations (0.5, 0) and (0, "
+    "0.5) and the three controls beside (0.5, 0.5); the authors' procedure on 8x8 (depth 0 -> 3, 3 seeds) with "
+    "its controls; only the first config timed (batch 1, 32)",
+    strata=(
+        Stratum("depth grid (claims a, b)", _depth_grid, seeds=3, stages=("train", "health")),
+        Stratum(
+            "edge (claim c)",
+            lambda: [_shape(n, d, 3) for n, d in DEPTH_EDGE],
+            seeds=5,
+            stages=("train", "health", "prune"),
+            prune=PruneSettings(
+                pairs=((0.5, 0.5), (0.5, 0.0), (0.0, 0.5)),
+                finetune_epochs=1,
+                controls=CONTROLS,
+                control_pairs=((0.5, 0.5),),
+            ),
+        ),
+        Stratum("authors' base", lambda: [_shape(8, 8, 0)], seeds=3, stages=("train", "health")),
+        Stratum(
+            "authors' procedure",
+            lambda: [_shape(8, 8, 3)],
+            seeds=3,
+            stages=("train", "health", "prune"),
+            prune=PruneSettings(
+                pairs=((0.5, 0.5),), finetune_epochs=1, procedure="authors", controls=CONTROLS
+            ),
+        ),
+    ),
+    prune=PruneSettings(pairs=((0.5, 0.5),), finetune_epochs=1, controls=CONTROLS),
+    timed_configs=1,
+    time_batch_sizes=(1, 32),
+)(_depth_grid)
 
 
 @register_preset(

@@ -100,7 +100,8 @@ class PruneSettings:
     # build this config's capsule layers on it freshly initialised, retrain for finetune_epochs.
     procedure: str = "finetune"
     base_depth: int = 0
-    controls: tuple[str, ...] = ()  # beside every pair (CONTROLS)
+    controls: tuple[str, ...] = ()  # beside every pair (CONTROLS), or beside control_pairs only
+    control_pairs: tuple[tuple[float, float], ...] | None = None  # None: every pair
     reinit_caps_layers: bool = False  # implied by procedure "authors"
     score_images: int = DEFAULT_SCORE_IMAGES
     write_sweep: bool = False  # prune_sweep_<criterion>.json (what `capsbench prune` writes for its plot)
@@ -117,6 +118,8 @@ class PruneSettings:
         for b, c in self.pairs:
             _check_ratio("backbone", b)
             _check_ratio("caps", c)
+        if self.control_pairs is not None and set(self.control_pairs) - set(self.pairs):
+            raise ConfigError(f"control_pairs {self.control_pairs} are not all among the pairs {self.pairs}")
         if self.intermediate_ratio is not None:
             _check_ratio("intermediate", self.intermediate_ratio)
         if self.base_depth < 0:
@@ -163,7 +166,10 @@ class PruneSettings:
         out = []
         for b, c in self.pairs:
             out.append(self.variant(base_epochs, b, c))
-            out += [self.variant(base_epochs, b, c, k) for k in ("scratch", "random") if k in self.controls]
+            if self.control_pairs is None or (b, c) in self.control_pairs:
+                out += [
+                    self.variant(base_epochs, b, c, k) for k in ("scratch", "random") if k in self.controls
+                ]
         if "extra_training" in self.controls and self.pairs:
             out.append(self.variant(base_epochs, 0.0, 0.0, "extra_training"))
         return out

@@ -230,38 +230,44 @@ def _deeper(configs: list[dict], claim: Claim) -> list[Stratum]:
 
 
 def _dims(configs: list[dict], claim: Claim) -> list[Stratum]:
+    """Claim (b): per init, d = 16 minus d = 8 at the same capsule count, depth and seed."""
     groups: dict[str, dict[int, dict]] = defaultdict(dict)
     for c in configs:
         m = c["config"]["model"]
         dims = {m["primary_dim"], *(layer[1] for layer in m.get("intermediate", []))}
         if len(dims) == 1 and _class_length(c.get("health")):
             groups[_key(c, ("primary_dim",), counts_only=True)][m["primary_dim"]] = c
-    strata: dict[tuple, Stratum] = {}
-    dead: dict[tuple, list[int]] = defaultdict(list)
+    strata: dict[str, Stratum] = {}
+    dead: dict[str, list[int]] = defaultdict(list)
+    by_depth: dict[str, dict[int, list[float]]] = defaultdict(dict)
     for by_dim in groups.values():
         if 8 not in by_dim or 16 not in by_dim:
             continue
         small, large = by_dim[8], by_dim[16]
         init = large["config"]["model"].get("caps_init", "default")
-        key = (_depth(large), init)
         s = strata.setdefault(
-            key,
-            Stratum(claim, f"depth {key[0]}, init {init}", "the same capsule count, depth and seed at d = 8"),
+            init, Stratum(claim, f"init {init}", "the same capsule count, depth and seed at d = 8")
         )
-        s.diffs.append(
-            math.log10(_class_length(large["health"])) - math.log10(_class_length(small["health"]))
-        )
+        diff = math.log10(_class_length(large["health"])) - math.log10(_class_length(small["health"]))
+        s.diffs.append(diff)
         s.units.append(large["id"])
+        by_depth[init].setdefault(_depth(large), []).append(diff)
         fa, fb = _first_dead_layer(large["health"]), _first_dead_layer(small["health"])
         if fa is not None and fb is not None:
-            dead[key].append(fa - fb)
-    for key, s in strata.items():
-        if dead[key]:
-            s.notes.append(
-                f"first dead layer, d16 - d8: mean {statistics.fmean(dead[key]):+.2f} layers "
-                f"(sign test p = {sign_test(dead[key]):.3g}, n = {len(dead[key])})"
+            dead[init].append(fa - fb)
+    for init, s in strata.items():
+        s.notes.append(
+            "log10 length d16 - d8 by depth: "
+            + ", ".join(
+                f"{d}: {statistics.fmean(v):+.2f} (n={len(v)})" for d, v in sorted(by_depth[init].items())
             )
-        if key[1] == "fan_in":
+        )
+        if dead[init]:
+            s.notes.append(
+                f"first dead layer, d16 - d8: mean {statistics.fmean(dead[init]):+.2f} layers "
+                f"(sign test p = {sign_test(dead[init]):.3g}, n = {len(dead[init])})"
+            )
+        if init == "fan_in":
             s.notes.append(
                 "under fan_in the capsule dimension cancels out of each layer's gain at initialisation"
             )

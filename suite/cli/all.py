@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capsbench.suite import stages
+from capsbench.suite import plan, stages
 from capsbench.suite.cli import options, summary
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import get_preset
-
-TIMING_STAGES = ("export", "time", "cpp")
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -112,45 +110,32 @@ def run(args) -> int:
     preset = get_preset(args.preset)
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    configs = options.select_configs(args)
-    names = [s for s in (args.only or stages.NAMES) if s not in args.skip]
-    if "train" in names and "health" not in args.skip and "health" not in names:
-        names.append("health")  # health.json stays in step with the trained weights
-    if "report" in names and "verdicts" not in args.skip and "verdicts" not in names:
-        names.append("verdicts")  # the report's claims from this run's results as they are now
-    prune = options.prune_settings(args, preset.prune, pairs=tuple(args.prune) if args.prune else None)
+    strata = options.select_strata(args)
+    names = plan.with_implied(args.only or stages.NAMES, args.skip)
+    pairs = tuple(args.prune) if args.prune else None
+    the_plan = plan.make_plan(
+        strata,
+        names,
+        preset.timed_configs if args.timed_configs is None else args.timed_configs,
+        prune_for=lambda st: options.prune_settings(args, st.prune or preset.prune, pairs=pairs),
+    )
+    if len(the_plan.steps) > 1:
+        print("plan: " + "; ".join(the_plan.describe()), flush=True)
     settings = options.stage_settings(
         args,
-        prune=prune,
+        prune=preset.prune,
         time=options.time_settings(args),
         baseline=args.baseline,
         **options.training_settings(args),
     )
     out = options.run_dir(args)
-    timed = preset.timed_configs if args.timed_configs is None else args.timed_configs
-    if timed and timed < len(configs) and any(n in TIMING_STAGES for n in names):
-        # Timing every config would cost more than the study itself: train, prune and measure all, then
-        # export and time the first N, then the run-level stages.
-        first = options.run_stages(
-            args,
-            configs,
-            [n for n in names if n in ("train", "health", "prune")],
-            settings,
-            executor=executor,
-        )
-        second = options.run_stages(
-            args,
-            configs[:timed],
-            [n for n in names if n not in ("train", "health", "prune")],
-            settings,
-            executor=executor,
-        )
-        records = {r["config_id"]: r for r in first.records + second.records}
-        result = second
-        result.failures = first.failures + second.failures
-        result.records = list(records.values())
-    else:
-        result = options.run_stages(args, configs, names, settings, executor=executor)
+    result = plan.execute(
+        the_plan,
+        settings,
+        lambda configs, names, step_settings: options.run_stages(
+            args, configs, names, step_settings, executor=executor
+        ),
+    )
     print(summary.format_summary(summary.summary_rows(out, [r["config_id"] for r in result.records])))
     if (report := result.results.get("", {}).get("report")) is not None:
         print(f"report: {report}")

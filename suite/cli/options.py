@@ -316,10 +316,10 @@ def add_timing(p: argparse.ArgumentParser) -> None:
     )
 
 
-def select_configs(args: argparse.Namespace) -> list[RunConfig]:
-    """The preset's configs with the command line's overrides and filters applied."""
+def _selected(args: argparse.Namespace) -> list[tuple[object, RunConfig]]:
+    """(stratum, config) of every config the command line selects: the preset's strata with their seeds (or
+    --seeds), the overrides applied, --configs' prefixes matched against the ids before and after overrides."""
     preset = get_preset(args.preset)
-    seeds = preset.seeds if getattr(args, "seeds", None) is None else args.seeds
     overrides = {
         k: getattr(args, k)
         for k in ("dataset", "epochs", "train_subset", "eval_subset", "seed")
@@ -328,24 +328,43 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     if "dataset" in overrides:  # the model's input follows the dataset's image shape
         channels, size, _ = data.get_spec(overrides["dataset"]).shape
         overrides.update(in_channels=channels, image_size=size)
-    # (ids that select it, config): with --seeds N, every seed of a grid point answers to its first id too.
-    pairs = []
-    for first in preset.configs(seeds=1):
-        for k in range(seeds):
-            c = first.replace(seed=first.seed + k)
-            ids = {c.id, c.replace(**overrides).id}
-            if getattr(args, "seeds", None) is not None:
-                ids |= {first.id, first.replace(**overrides).id}
-            pairs.append((ids, c.replace(**overrides)))
+    # (stratum, ids that select it, config): with --seeds N, every seed of a grid point answers to its first id too.
+    triples = []
+    for stratum in preset.stratum_list():
+        seeds = stratum.seeds if getattr(args, "seeds", None) is None else args.seeds
+        for first in stratum.configs(seeds=1):
+            for k in range(seeds):
+                c = first.replace(seed=first.seed + k)
+                ids = {c.id, c.replace(**overrides).id}
+                if getattr(args, "seeds", None) is not None:
+                    ids |= {first.id, first.replace(**overrides).id}
+                triples.append((stratum, ids, c.replace(**overrides)))
     if args.configs:
         # Match the ids 'capsbench presets' lists as well as the ids after overrides (the run folders' names).
-        pairs = [(ids, o) for ids, o in pairs if any(i.startswith(p) for i in ids for p in args.configs)]
-        if not pairs:
+        triples = [t for t in triples if any(i.startswith(p) for i in t[1] for p in args.configs)]
+        if not triples:
             raise ConfigError(
                 f"no config of preset {args.preset!r} matches {args.configs}; "
                 f"see 'capsbench presets --preset {args.preset}' for the ids"
             )
-    return list(dict.fromkeys(o for _, o in pairs))  # --seed on a multi-seed preset leaves one of each
+    return [(stratum, c) for stratum, _, c in triples]
+
+
+def select_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """The preset's configs with the command line's overrides and filters applied."""
+    return list(
+        dict.fromkeys(c for _, c in _selected(args))
+    )  # --seed on a multi-seed preset leaves one of each
+
+
+def select_strata(args: argparse.Namespace) -> list[tuple[object, list[RunConfig]]]:
+    """The selected configs per stratum of the preset, in the preset's order (a stratum with none left out)."""
+    by_stratum: dict[str, tuple[object, list[RunConfig]]] = {}
+    for stratum, c in _selected(args):
+        entry = by_stratum.setdefault(stratum.name, (stratum, []))
+        if c not in entry[1]:
+            entry[1].append(c)
+    return list(by_stratum.values())
 
 
 def run_dir(args: argparse.Namespace) -> Path:

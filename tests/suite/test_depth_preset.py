@@ -15,15 +15,55 @@ from capsbench.suite.stages import Settings
 PAIR = [
     c
     for c in get_preset("depth").configs()
-    if c.seed == 0 and (c.model.primary_types, c.model.primary_dim) == (16, 8)
+    if c.seed == 0 and (c.model.primary_types, c.model.primary_dim) == (16, 8) and c.model.depth in (2, 4)
 ]
 
 
-def test_the_depth_grid_crosses_the_cliff():
-    depths = {c.model.depth for c in get_preset("depth").configs()}
-    assert min(depths) < 3 and max(depths) >= 4  # either side for 16 capsules (3) and 8 capsules (4)
-    assert {c.seed for c in get_preset("depth").configs()} == {0, 1, 2}
-    assert get_preset("depth").prune.controls == ("extra_training", "scratch", "random")
+def test_the_depth_preset_s_strata_cross_the_cliff_and_prune_at_its_edge():
+    grid, edge, base, authors = get_preset("depth").stratum_list()
+    assert {c.model.depth for c in grid.configs()} == {1, 2, 3, 4} and {c.seed for c in grid.configs()} == {
+        0,
+        1,
+        2,
+    }
+    assert grid.stages == ("train", "health")
+    assert {c.model.depth for c in edge.configs()} == {3} and {c.seed for c in edge.configs()} == set(
+        range(5)
+    )
+    assert edge.prune.pairs == ((0.5, 0.5), (0.5, 0.0), (0.0, 0.5)) and edge.prune.control_pairs == (
+        (0.5, 0.5),
+    )
+    assert edge.prune.controls == ("extra_training", "scratch", "random")
+    assert authors.prune.procedure == "authors" and {c.model.depth for c in base.configs()} == {0}
+    # Every variant of the edge stratum: the pair with its three controls, and the two ablations alone.
+    folders = [v.folder for v in edge.prune.variants(1)]
+    assert folders == [
+        "prune_chip_b0.50_c0.50",
+        "prune_scratch_b0.50_c0.50",
+        "prune_random_b0.50_c0.50",
+        "prune_chip_b0.50_c0.00",
+        "prune_chip_b0.00_c0.50",
+        "prune_extra_training_b0.00_c0.00",
+    ]
+
+
+@pytest.mark.slow
+def test_the_pre_check_places_the_edge_stratum_at_the_edge_and_the_grid_on_both_sides(fashion_data_dir):
+    """The preset's strata were chosen from the pre-check (docs/presets-and-pruning.md): if a change to the nets
+    or their init moved the cliff, this says so before a 30-minute run does."""
+    import torch
+
+    from capsbench.suite import precheck
+    from capsbench.suite import train as training
+
+    grid, edge, _, _ = get_preset("depth").stratum_list()
+    splits = training.load_splits(grid.configs()[0], fashion_data_dir)
+    place = {
+        c.id: precheck.precheck_config(c, splits, torch.device("cpu"))["placement"] for c in grid.configs(1)
+    }
+    assert {place[c.id] for c in edge.configs(1)} == {"edge"}
+    by_depth = {d: {place[c.id] for c in grid.configs(1) if c.model.depth == d} for d in (1, 2, 3, 4)}
+    assert by_depth[1] == by_depth[2] == {"healthy"} and by_depth[4] == {"past"}
 
 
 @pytest.mark.slow

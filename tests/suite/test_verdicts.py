@@ -185,9 +185,9 @@ def test_claim_b_pairs_dimension_16_with_8_at_the_same_count_depth_and_seed():
             _config(16, 8, 3, seed, 0.5, [0.0, 0.0, 0.0], class_length=0.3),  # no d = 16 partner: not a unit
         ]
     entry = _one(verdicts(configs), "larger_dims_train_deeper")
-    assert entry["n"] == 6 and entry["verdict"] == "held" and entry["stratum"] == "depth 3, init fan_in"
+    assert entry["n"] == 6 and entry["verdict"] == "held" and entry["stratum"] == "init fan_in"
     assert abs(entry["differences"][0] - 2.0) < 1e-9  # log10(0.1 / 0.001)
-    assert "first dead layer" in entry["note"] and "fan_in" in entry["note"]
+    assert "first dead layer" in entry["note"] and "fan_in" in entry["note"] and "3: +2.0" in entry["note"]
 
 
 def test_every_claim_of_the_registry_gets_a_verdict_and_the_report_shows_them(tmp_path):
