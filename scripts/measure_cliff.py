@@ -2,6 +2,8 @@
 
 Part `init`: the mean capsule length per layer at initialisation as training sees it (BatchNorm on batch
 statistics), for depths 0..6, intermediate capsule counts {8, 16}, dims {8, 16}, every capsule-layer init.
+Part `eps`: the same training at the edge and past the cliff with Adam's eps at its default 1e-8 and at 1e-16, a
+few seeds each: if the cliff is the gradients falling below eps, a smaller eps moves it.
 Part `train`: one short seeded training per config (default 1 epoch on 6000 Fashion-MNIST training images,
 batch 64, Adam 1e-3), then test accuracy, mean length and inactive fraction per layer (mean AND std of length
 < 0.01 over 1000 test images, eval mode), and the wall time per config (train + health).
@@ -71,10 +73,12 @@ def measure_init(x: torch.Tensor, seed: int) -> list[dict]:
     return rows
 
 
-def train_one(cfg: CapsNetConfig, x, y, xt, yt, epochs: float, batch: int, seed: int) -> dict:
+def train_one(
+    cfg: CapsNetConfig, x, y, xt, yt, epochs: float, batch: int, seed: int, eps: float = 1e-8
+) -> dict:
     torch.manual_seed(seed)
     net = build_capsnet(cfg).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=eps)
     g = torch.Generator().manual_seed(seed)
     steps = int(epochs * len(x) / batch)
     t0 = time.perf_counter()
@@ -108,7 +112,9 @@ def train_one(cfg: CapsNetConfig, x, y, xt, yt, epochs: float, batch: int, seed:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="+", choices=("init", "train"))
+    ap.add_argument("parts", nargs="+", choices=("init", "train", "eps"))
+    ap.add_argument("--eps-values", nargs="+", type=float, default=[1e-8, 1e-16])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the eps part")
     ap.add_argument("--out", type=Path, default=Path("scripts/measure_cliff.json"))
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -164,6 +170,35 @@ def main() -> None:
             r for r in result["train"]["rows"] if (r["init"], r["count"], r["dim"], r["depth"]) not in done
         ]
         result["train"] = {"settings": settings, "rows": keep + rows}
+    if "eps" in args.parts:
+        rows = []
+        for init in args.inits:
+            for count in args.counts:
+                for dim in args.dims:
+                    for depth in args.depths:
+                        for seed in args.seeds:
+                            for eps in args.eps_values:
+                                cfg = net_config(depth, count, dim, init)
+                                r = train_one(cfg, x, y, xt, yt, args.epochs, args.batch, seed, eps)
+                                rows.append(
+                                    {
+                                        "init": init,
+                                        "count": count,
+                                        "dim": dim,
+                                        "depth": depth,
+                                        "seed": seed,
+                                        "eps": eps,
+                                        **r,
+                                    }
+                                )
+                                frac = " ".join(f"{la['inactive_fraction']:.2f}" for la in r["layers"][1:])
+                                print(
+                                    f"eps {eps:g} {init} {count}x{dim} depth {depth} seed {seed}: acc "
+                                    f"{r['test_accuracy']:.3f} | inactive {frac} | {r['train_seconds']}s",
+                                    flush=True,
+                                )
+        settings = {"images": len(x), "epochs": args.epochs, "batch": args.batch, "seeds": args.seeds}
+        result["eps"] = {"settings": settings, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
