@@ -48,31 +48,26 @@ def sign_test(diffs: list[float]) -> float:
 
 def bca_interval(diffs: list[float], level: float = LEVEL) -> list[float]:
     """BCa bootstrap interval of the mean of `diffs` (seeded: the same data give the same interval). All
-    differences equal: the interval is that value (no spread to resample)."""
+    differences equal: the interval is that value (no spread to resample); BCa undefined (its acceleration
+    cannot be estimated): the percentile interval."""
     from scipy import stats
 
     if len(set(diffs)) <= 1:
         return [float(diffs[0]), float(diffs[0])] if diffs else [math.nan, math.nan]
-    res = stats.bootstrap(
-        (np.asarray(diffs, dtype=float),),
-        np.mean,
-        confidence_level=level,
-        n_resamples=RESAMPLES,
-        method="BCa",
-        rng=np.random.default_rng(BOOTSTRAP_SEED),
-    )
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. one value repeated but one)
+
+    def interval(method: str) -> list[float]:
         res = stats.bootstrap(
             (np.asarray(diffs, dtype=float),),
             np.mean,
             confidence_level=level,
             n_resamples=RESAMPLES,
-            method="percentile",
+            method=method,
             rng=np.random.default_rng(BOOTSTRAP_SEED),
         )
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return [lo, hi]
+        return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+    bca = interval("BCa")
+    return bca if all(map(math.isfinite, bca)) else interval("percentile")
 
 
 def holm(p_values: list[float | None]) -> list[float | None]:

@@ -236,18 +236,23 @@ def run(args) -> int:
     return 0 if all(r["ok"] for _, r in results) else 1
 
 
+def _tolerances(args) -> dict:
+    """The gates' tolerances from the options, the same for a baseline and a history."""
+    fields = (
+        "accuracy_drop",
+        "inactive_rise",
+        "speedup_drop",
+        "latency_rise",
+        "machine_shift",
+        "gate_absolute",
+    )
+    return {f: getattr(args, f) for f in fields}
+
+
 def _history(args) -> dict:
     from capsbench.suite.history import HistoryTolerances, check_history, confirm
 
-    tol = HistoryTolerances(
-        accuracy_drop=args.accuracy_drop,
-        inactive_rise=args.inactive_rise,
-        speedup_drop=args.speedup_drop,
-        latency_rise=args.latency_rise,
-        machine_shift=args.machine_shift,
-        gate_absolute=args.gate_absolute,
-        window=args.window,
-    )
+    tol = HistoryTolerances(**_tolerances(args), window=args.window)
     result = check_history(args.run_dir, args.history, tol)
     if args.confirm:
         result = confirm(args.run_dir, args.history, result, tol, args.data_dir)
@@ -255,14 +260,7 @@ def _history(args) -> dict:
 
 
 def _baseline(args) -> dict:
-    tol = Tolerances(
-        accuracy_drop=args.accuracy_drop,
-        inactive_rise=args.inactive_rise,
-        speedup_drop=args.speedup_drop,
-        latency_rise=args.latency_rise,
-        machine_shift=args.machine_shift,
-        gate_absolute=args.gate_absolute,
-    )
+    tol = Tolerances(**_tolerances(args))
     try:
         if problems := completeness_problems(args.run_dir, args.baseline):
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

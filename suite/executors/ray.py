@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from capsbench.suite.errors import CapsbenchError
 
 INSTALL_HINT = "--executor ray needs Ray, which is not installed: pip install 'capsbench[ray]'"
-TIMING_STAGES = ("time", "cpp")  # never beside other work: run on the driver after every chain
+DRIVER_STAGES = ("time", "cpp")  # timing, never beside other work: on the driver after every chain
 MAX_RETRIES = 2
 
 
@@ -93,8 +93,8 @@ def execute(
     max_retries: int = MAX_RETRIES,
 ) -> list:
     check_installed()
-    chain = [n for n in names if n not in TIMING_STAGES]
-    timing = [n for n in names if n in TIMING_STAGES]
+    chain = [n for n in names if n not in DRIVER_STAGES]
+    timing = [n for n in names if n in DRIVER_STAGES]
     outcomes: dict[str, object] = {}
     if chain and configs:
         outcomes = _run_chains(configs, chain, run_one, log, address, max_retries)
