@@ -3,7 +3,7 @@ writes there, and how result files are written and read (atomically, each JSON o
 `schema_version`). Torch-free and layer-neutral: the suite writes through it, the reports and `check` read
 through it, and other tools can rely on it (docs/results.md describes every file and field).
 
-    runs/<run-id>/run.json, verdicts.json, precheck.json, report.html, .locks/
+    runs/<run-id>/run.json, verdicts.json, precheck.json, report.html, trend.html, .locks/
     runs/<run-id>/<config-id>/config.json, checkpoint.pt, metrics.json, health_init.json, health.json,
         pipeline.json, error.txt,
         model.onnx, export.json, parity.json, latency.json, latency_cpp.json, prune_sweep_<criterion>.json
@@ -55,6 +55,7 @@ __all__ = [
     "SURGERY_FILE",
     "SWEEP_FILE",
     "SWEEP_GLOB",
+    "TREND_FILE",
     "StageFiles",
     "VARIANT_FILES",
     "VERDICTS_FILE",
@@ -77,6 +78,7 @@ SCHEMA_VERSION = 1
 # run level
 RUN_FILE = "run.json"
 REPORT_FILE = "report.html"
+TREND_FILE = "trend.html"  # the history's trend page beside the report (`capsbench all --history`)
 VERDICTS_FILE = "verdicts.json"  # the paper's claims tested on the run's results
 PRECHECK_FILE = "precheck.json"  # every config's standing before training (`capsbench precheck`)
 LOCKS_DIR = ".locks"  # runs/<run-id>/.locks/<config-id>.lock and run.lock

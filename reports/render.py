@@ -820,6 +820,8 @@ def build_context(run_dir: Path, baseline_dir: Path | None = None) -> dict[str, 
         "claims": claims(run, configs),
         "precheck": precheck_rows(run),
         "claims_rule": RULE,
+        # The history's trend page beside the report (`capsbench all --history`), when there is one.
+        "trend": R.TREND_FILE if (Path(run_dir) / R.TREND_FILE).is_file() else None,
         "threshold": next((c["health"].get("threshold") for c in configs if c["health"]), None),
         "depth_profiles": depth_profile(configs),
         "depth_rows": depth_profile_rows(configs),

@@ -40,6 +40,12 @@ SMOKE_ALL_ARGS = ["--batch-sizes", "1", "8", "--iters", "10", "--no-progress"]
 
 
 @pytest.fixture(scope="session")
+def smoke_all_args() -> list[str]:
+    """The options smoke_all_run was made with: a command given them again finds every stage done."""
+    return list(SMOKE_ALL_ARGS)
+
+
+@pytest.fixture(scope="session")
 def smoke_all_run(tmp_path_factory, fashion_data_dir) -> Path:
     """`capsbench all --preset smoke` once per session on the real data (short timing settings)."""
     from capsbench.suite.cli import main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from capsbench.suite import plan, stages
@@ -67,6 +68,13 @@ def register(sub) -> None:
         type=Path,
         default=None,
         help="a baseline run folder: the report shows regressions against it",
+    )
+    p.add_argument(
+        "--history",
+        type=Path,
+        default=None,
+        help="a history file (SQLite, created when absent): add the finished run to it, draw its trend page "
+        "beside the report (trend.html) and link it from the report (docs/history.md)",
     )
     options.add_training(p, compile_flag="--train-compile")
     p.add_argument("--force", action="store_true", help="redo finished stages")
@@ -136,8 +144,30 @@ def run(args) -> int:
             args, configs, names, step_settings, executor=executor
         ),
     )
+    if args.history is not None:
+        _record_history(out, args.history, result)
     print(summary.format_summary(summary.summary_rows(out, [r["config_id"] for r in result.records])))
     if (report := result.results.get("", {}).get("report")) is not None:
         print(f"report: {report}")
     print(f"results: {out}")
     return result.exit_code
+
+
+def _record_history(out: Path, history: Path, result) -> None:
+    """Add the finished run to the history, draw the trend page beside the report and link it from the report."""
+    from capsbench.reports.render import render_report
+    from capsbench.reports.trend import HistoryReadError, render_trend
+    from capsbench.results import REPORT_FILE, TREND_FILE
+    from capsbench.suite.history import add_run
+
+    if result.failures:
+        print(f"history: {out} not added to {history}: a stage failed (see above)", file=sys.stderr)
+        return
+    added = add_run(out, history)
+    try:
+        trend = render_trend(history, out / TREND_FILE)
+    except HistoryReadError as e:
+        raise ConfigError(str(e)) from e
+    if (out / REPORT_FILE).is_file():
+        render_report(out)  # now with the link to the trend page
+    print(f"history: {'added to' if added.added else 'already in'} {history}; trend: {trend}")

@@ -490,3 +490,21 @@ def test_the_trend_page_is_one_file_that_renders_in_chromium_with_the_step_as_an
     assert any(alt.startswith("speedup_vs_eager[model/ort_cpu/1]") for _, alt in images)
     regressions = [r for r in rows[1:] if "speedup_vs_eager" in r]
     assert len(regressions) == 1 and commit(9)[:12] in regressions[0], rows
+
+
+def test_all_with_history_adds_the_run_draws_the_trend_and_links_it_from_the_report(
+    smoke_all_run, smoke_all_args, tmp_path
+):
+    """`capsbench all --history FILE` on a finished run (every stage cached): the run goes into the store once,
+    trend.html lands beside the report, and the report links it."""
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_all_run, runs / "smoke")
+    history = tmp_path / "history.sqlite"
+    args = ["all", "--preset", "smoke", "--runs-dir", str(runs), "--history", str(history), *smoke_all_args]
+    assert main(args) == 0
+    with sqlite3.connect(history) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        assert tables, "the history file holds no table"
+    assert (runs / "smoke" / "trend.html").is_file()
+    assert 'href="trend.html"' in (runs / "smoke" / "report.html").read_text()
+    assert add_run(runs / "smoke", history).added is False  # already in: the same run is recorded once
