@@ -293,6 +293,14 @@ def add_timing(p: argparse.ArgumentParser) -> None:
         "spread between processes (default: %(default)s)",
     )
     p.add_argument(
+        "--ort-delay-ms",
+        type=nonnegative_float,
+        default=0.0,
+        metavar="MS",
+        help="a test hook: add a fixed cost of MS milliseconds to every ONNX Runtime call, a known slowdown to "
+        "check that 'capsbench check' flags it; recorded in latency.json, part of its settings (default: 0)",
+    )
+    p.add_argument(
         "--min-rounds",
         type=positive_int,
         default=None,

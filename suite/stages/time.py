@@ -4,7 +4,6 @@ size -> latency.json, from the one timing harness of export/latency.py."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -48,9 +47,17 @@ class TimeSettings:
     rounds: int = 3  # the whole sweep, each time in a fresh process (iters timed calls per round)
     # Stop after this many clean rounds when they agree (see `rounds_agree`); None: always `rounds`.
     min_rounds: int | None = None
+    # A test hook: a fixed cost (ms) added to every ONNX Runtime call, a real slowdown that `check` must flag.
+    # A setting, so a latency timed with it is never reused without it (and the other way round).
+    ort_delay_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
+        d = {**self.__dict__, "batch_sizes": list(self.batch_sizes)}
+        if (
+            not self.ort_delay_ms
+        ):  # left out at 0: the settings of results timed before it existed still match
+            del d["ort_delay_ms"]
+        return d
 
 
 def finished_latency(path: Path, settings: TimeSettings, onnx_shas: dict[str, str]) -> dict | None:
@@ -147,9 +154,7 @@ def time_config(
         "rounds_set_aside": set_aside,
         "machine_probe": probe,
         "precision": first["precision"],
-        **(
-            {"test_ort_delay_ms": float(os.environ[TEST_DELAY_ENV])} if os.environ.get(TEST_DELAY_ENV) else {}
-        ),
+        **({"test_ort_delay_ms": settings.ort_delay_ms} if settings.ort_delay_ms else {}),
         "rows": rows,
     }
     write_json(out / LATENCY_FILE, "latency", result)
@@ -349,7 +354,7 @@ def _sweep_round(
         if device not in gemm:
             gemm[device] = harness.gemm_gflops(device=device)
         model = load_model(cfg, out / v.checkpoint)
-        backends = {f"ort_{ep.name}": _delayed(harness.ort_backend(session))}
+        backends = {f"ort_{ep.name}": _delayed(harness.ort_backend(session), settings.ort_delay_ms)}
         if ep.name != "cpu":  # which nodes ORT silently left on the CPU: enforced on the rows below
             by_op = placement_by_op(out / v.onnx, images[:1], provider=ep.name, threads=threads)
             placement[v.name] = placement_summary(by_op, session.provider)
@@ -393,13 +398,10 @@ def _sweep_round(
     }
 
 
-# A test hook: a fixed cost (ms) added to every ONNX Runtime call, a real slowdown that 'capsbench check' must
-# flag. Results timed with it say so in their settings' environment (latency.json "test_ort_delay_ms").
-TEST_DELAY_ENV = "CAPSBENCH_TEST_ORT_DELAY_MS"
-
-
-def _delayed(prepare: harness.Prepare) -> harness.Prepare:
-    delay = float(os.environ.get(TEST_DELAY_ENV) or 0) / 1e3
+def _delayed(prepare: harness.Prepare, delay_ms: float) -> harness.Prepare:
+    """The test hook TimeSettings.ort_delay_ms: every ONNX Runtime call `delay_ms` slower (latency.json records
+    it as "test_ort_delay_ms")."""
+    delay = delay_ms / 1e3
     if not delay:
         return prepare
 

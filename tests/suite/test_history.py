@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import sqlite3
@@ -376,12 +375,10 @@ def _retime(src: Path, runs: Path, name: str, config: str, delay_ms: float = 0) 
     """A copy of a trained, exported run timed again (`capsbench time --force`) in a fresh process."""
     dst = runs / name
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".locks", "report.html"))
-    env = {k: v for k, v in os.environ.items() if k != "CAPSBENCH_TEST_ORT_DELAY_MS"}
-    if delay_ms:
-        env["CAPSBENCH_TEST_ORT_DELAY_MS"] = str(delay_ms)
     cmd = [sys.executable, "-m", "capsbench.suite.cli", "time", "--force", "--runs-dir", str(runs), "--run-id", name,
            "--preset", "smoke", "--configs", config, "--batch-sizes", "1", "8", "--iters", "10", "--rounds", "3"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd += ["--ort-delay-ms", str(delay_ms)] if delay_ms else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return dst
 
@@ -389,7 +386,7 @@ def _retime(src: Path, runs: Path, name: str, config: str, delay_ms: float = 0) 
 @pytest.mark.slow
 @pytest.mark.timing
 def test_same_commit_retimings_give_no_alert_and_an_added_cost_per_ort_call_is_flagged(
-    smoke_all_run, tmp_path, capsys, monkeypatch
+    smoke_all_run, tmp_path, capsys
 ):
     config = sorted(d.name for d in smoke_all_run.iterdir() if (d / "config.json").is_file())[0]
     runs = tmp_path / "runs"
@@ -443,8 +440,7 @@ def test_same_commit_retimings_give_no_alert_and_an_added_cost_per_ort_call_is_f
     assert gates and all(c["status"] in ("regressed", "unstable", "disturbed", "no_history") for c in gates)
     if not any(c["status"] == "regressed" for c in gates):
         pytest.skip("the slow run or its history was timed beside other work (unstable): nothing to judge")
-    # --confirm times the flagged config again (the slowdown is still there): it stays a regression
-    monkeypatch.setenv("CAPSBENCH_TEST_ORT_DELAY_MS", "8")
+    # --confirm times the flagged config again with its recorded settings, the 8 ms included: it stays a regression
     capsys.readouterr()
     code = main(["check", str(slow), "--history", str(history), "--confirm"])
     out = capsys.readouterr().out

@@ -177,3 +177,20 @@ def test_the_smoke_preset_stops_timing_at_two_agreeing_rounds_and_the_others_tim
         parser.parse_args(["all", "--preset", "smoke", "--min-rounds", "3", "--batch-sizes", "4"])
     )
     assert given.min_rounds == 3 and given.batch_sizes == (4,)
+
+
+def test_the_ort_delay_test_hook_is_a_setting_and_part_of_the_cache_key(tmp_path):
+    """A latency timed without the hook is not reused for a run asked to add it, nor the other way round; at 0 the
+    settings read as before the hook existed, so finished results stay finished."""
+    from capsbench.suite.rundir import write_json
+    from capsbench.suite.stages.time import TimeSettings, finished_latency
+
+    plain, slowed = TimeSettings(), TimeSettings(ort_delay_ms=3.0)
+    assert "ort_delay_ms" not in plain.to_dict() and slowed.to_dict()["ort_delay_ms"] == 3.0
+    shas = {"model": "0" * 64}
+    for timed, asked in ((plain, slowed), (slowed, plain)):
+        path = write_json(tmp_path / "latency.json", "latency", {
+            "status": "complete", "settings": timed.to_dict(), "onnx_sha256": shas, "rows": [],
+        })  # fmt: skip
+        assert finished_latency(path, timed, shas) is not None
+        assert finished_latency(path, asked, shas) is None
