@@ -118,7 +118,7 @@ def _metric(cid, metric, kind, value, stable=None, reason=None, rounds=None, rou
         "stable": stable,
         "reason": reason,
         "rounds": rounds,
-        "spread": None if _spread(rv) is None else round(_spread(rv), 6),
+        "spread": None if (spread := _spread(rv)) is None else round(spread, 6),
         "round_values": rv,
     }
 

@@ -66,7 +66,9 @@ def make_plan(
     (the command line's overrides applied)."""
     per_config = [n for n in names if n not in RUN_LEVEL]
     everything = list(dict.fromkeys(c for _, cs in strata for c in cs))
-    split_timing = bool(timed) and timed < len(everything) and any(n in TIMING_STAGES for n in per_config)
+    split_timing = (
+        timed is not None and 0 < timed < len(everything) and any(n in TIMING_STAGES for n in per_config)
+    )
     steps = []
     for stratum, configs in strata:
         wanted = [n for n in per_config if stratum.stages is None or n in stratum.stages]

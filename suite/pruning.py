@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ RANDOM_CONTROL_SEED = 7_000_000  # + config seed: the random control's draw diff
 
 def health_summary(health: dict) -> dict:
     """Per layer: mean length, inactive and mean-only counts and fractions, without the per-capsule lists."""
-    keys = ("name", "num_capsules", "mean_length", "inactive", "inactive_fraction")
+    keys: tuple[str, ...] = ("name", "num_capsules", "mean_length", "inactive", "inactive_fraction")
     keys += ("inactive_mean_only", "inactive_mean_only_fraction")
     return {
         "routed_inactive": health["routed_inactive"],
@@ -373,6 +374,7 @@ def _authors_surgery(
     random on randomly chosen channels, scratch trains the built architecture from fresh weights."""
     src = base.sibling(settings["base_depth"])
     control = settings["control"]
+    plan: dict[str, Any]
     if control == "extra_training":
         pruned, plan = src.model, {"layers": []}
     else:

@@ -161,7 +161,8 @@ class SplitsCache:
     """The data splits of the last dataset used (one in memory at a time); never pickled with its data."""
 
     def __init__(self, data_dir: str | Path | None = None):
-        self.data_dir, self.cache = data_dir, {}
+        self.data_dir = data_dir
+        self.cache: dict[tuple, Any] = {}
 
     def __call__(self, cfg: RunConfig):
         from capsbench.suite import train as training
@@ -206,8 +207,8 @@ def _run_config_locked(cfg, names, run_dir, settings, data_dir, log, shared, spl
         cfg, out, run_dir, settings, lambda: splits(cfg), device, log, {} if shared is None else shared
     )
     old = read_if_valid(out / PIPELINE_FILE, "pipeline") or {}
-    record = {k: v for k, v in old.items() if isinstance(v, dict)}
-    record = {"config_id": cfg.id, "label": cfg.label, **record}
+    kept = {k: v for k, v in old.items() if isinstance(v, dict)}
+    record: dict[str, Any] = {"config_id": cfg.id, "label": cfg.label, **kept}
     tracebacks: list[str] = []
     outcome = Outcome(record)
 
@@ -266,7 +267,7 @@ def run(
     run_dir, settings = Path(run_dir), settings or Settings()
     selected = stages.select(names)
     device = pick_device(settings.device)
-    result, shared = RunResult(run_dir), {}
+    result, shared = RunResult(run_dir), dict[str, Any]()
     per_config = [s.name for s in selected if not s.per_run]
     # Absolute paths: an executor may run configs in processes with another working directory (Ray workers).
     data_dir = Path(data_dir).absolute() if data_dir is not None else None
@@ -294,7 +295,8 @@ def _run_level(run_dir, result, selected, settings, run_info, device, log, share
     _update_run_file(run_dir, result, run_info or {}, device)  # before the report, which reads it
     for stage in (s for s in selected if s.per_run):
         ctx = Context(None, run_dir, run_dir, settings, lambda: None, device, log, shared)  # type: ignore[arg-type]
-        ok, value = _run_stage(stage, ctx, {}, tb := [])
+        tb: list[str] = []
+        ok, value = _run_stage(stage, ctx, {}, tb)
         if ok:
             result.results.setdefault("", {})[stage.name] = value
         else:

@@ -71,8 +71,8 @@ def compile_pays(steps_left: int, eager_step_s: float) -> bool:
     return steps_left * eager_step_s * AUTO_COMPILE_SAVING > AUTO_COMPILE_MARGIN * AUTO_COMPILE_COST_S
 
 
-def compiled(model: CapsNet, compile_mode: str) -> Callable:
-    return torch.compile(model, mode=None if compile_mode in ("default", "auto") else compile_mode)
+def compiled(model: CapsNet, compile_mode: str | None) -> Callable:
+    return torch.compile(model, mode=None if compile_mode in (None, "default", "auto") else compile_mode)
 
 
 def emulated_bf16(device: torch.device, precision: str) -> bool:
@@ -191,7 +191,7 @@ def train(
     not reused but trained again from scratch.
     """
     out_dir = Path(out_dir)
-    device = pick_device(device) if not isinstance(device, torch.device) else device
+    device = torch.device(device) if isinstance(device, torch.device) else pick_device(device)
     epochs = cfg.epochs if epochs is None else epochs
     ckpt_path = out_dir / files.checkpoint
     autocast(device, precision)  # an unknown precision fails here, before anything is removed or written
@@ -217,7 +217,7 @@ def train(
     )
 
     torch.manual_seed(cfg.seed)
-    if device.type == "cpu":
+    if torch.device(device).type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     history: list[dict] = []
     start_epoch, resumed_from = 1, None
@@ -408,7 +408,7 @@ def measure_health(
     output: str = HEALTH_FILE,
 ) -> dict:
     """Capsule lengths of every capsule layer over the evaluation set -> health.json."""
-    device = pick_device(device) if not isinstance(device, torch.device) else device
+    device = torch.device(device) if isinstance(device, torch.device) else pick_device(device)
     model = load_model(cfg, Path(out_dir) / checkpoint).to(device)
     threshold = cfg.inactive_threshold if threshold is None else threshold
     health = capsule_health(model, eval_batches(splits.test_x, device), threshold=threshold, device=device)

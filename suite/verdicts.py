@@ -14,6 +14,7 @@ import itertools
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ BOOTSTRAP_SEED = 0
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def sign_test(diffs: list[float]) -> float:
+def sign_test(diffs: Sequence[float]) -> float:
     """Exact two-sided sign test p-value over the non-zero differences (1.0 when all are zero)."""
     pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     n = pos + neg
@@ -80,7 +81,7 @@ def holm(p_values: list[float | None]) -> list[float | None]:
     return out
 
 
-def decide(claim: Claim, interval: list[float] | None, p_holm: float | None) -> str:
+def decide(claim: Claim, interval: list[float], p_holm: float | None) -> str:
     """held / did not hold / inconclusive for a testable stratum (see claims.RULE)."""
     lo, hi = interval
     if p_holm is not None and p_holm < ALPHA and (lo > 0 if claim.direction > 0 else hi < 0):
@@ -214,12 +215,12 @@ def _deeper(configs: list[dict], claim: Claim) -> list[Stratum]:
                 (a, b), Stratum(claim, f"depth {a} -> {b}", f"the same shape and seed at depth {a}")
             )
             if accuracy:
-                s.diffs.append(_accuracy(hi) - _accuracy(lo))
+                x, y = _accuracy(hi), _accuracy(lo)
             else:
                 x, y = mean_inactive_fraction(hi["health"]), mean_inactive_fraction(lo["health"])
-                if x is None or y is None:
-                    continue
-                s.diffs.append(x - y)
+            if x is None or y is None:
+                continue
+            s.diffs.append(x - y)
             s.units.append(hi["id"])
     return [strata[k] for k in sorted(strata)]
 
@@ -243,7 +244,10 @@ def _dims(configs: list[dict], claim: Claim) -> list[Stratum]:
         s = strata.setdefault(
             init, Stratum(claim, f"init {init}", "the same capsule count, depth and seed at d = 8")
         )
-        diff = math.log10(_class_length(large["health"])) - math.log10(_class_length(small["health"]))
+        la, ls = _class_length(large["health"]), _class_length(small["health"])
+        if not la or not ls:  # a length of exactly 0 has no log: no unit
+            continue
+        diff = math.log10(la) - math.log10(ls)
         s.diffs.append(diff)
         s.units.append(large["id"])
         by_depth[init].setdefault(_depth(large), []).append(diff)
@@ -296,10 +300,15 @@ def _pruning(configs: list[dict], claim: Claim) -> list[Stratum]:
         s = Stratum(claim, f"depth {depth}, b{b:.2f} c{cr:.2f}, {procedure}", reference)
         refs = []
         for (c, p), e in zip(units, extras, strict=True):
-            ref_health = (e.get("after_finetune") or {}).get("health") if equal_epochs else c.get("health")
+            by_control = equal_epochs and e is not None
+            ref_health = (
+                (e.get("after_finetune") or {}).get("health") if by_control and e else c.get("health")
+            )
+            d: float | None
             if what == "accuracy":
-                ref = _after(e, what) if equal_epochs else _accuracy(c)
-                d = _after(p, what) - ref
+                ref = _after(e, what) if by_control and e else _accuracy(c)
+                after = _after(p, what)
+                d = None if after is None or ref is None else after - ref
             else:
                 d = _shared_inactive_diff((p.get("after_finetune") or {}).get("health"), ref_health)
             if d is None:
@@ -313,11 +322,12 @@ def _pruning(configs: list[dict], claim: Claim) -> list[Stratum]:
                 "could change"
             )
         for name in ("scratch", "random"):
-            rows = [
-                _after(p, what) - _after(k, what)
+            pairs = [
+                (_after(p, what), _after(k, what))
                 for c, p in units
-                if (k := _control(c, name, p)) is not None and _after(k, what) is not None
+                if (k := _control(c, name, p)) is not None
             ]
+            rows = [a - b for a, b in pairs if a is not None and b is not None]
             if len(rows) >= 2:
                 lo, hi = bca_interval(rows)
                 s.notes.append(

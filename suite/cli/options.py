@@ -7,7 +7,7 @@ from pathlib import Path
 
 from capsbench.suite import data
 from capsbench.suite.errors import ConfigError
-from capsbench.suite.presets import RunConfig, get_preset
+from capsbench.suite.presets import RunConfig, Stratum, get_preset
 from capsbench.suite.prune_settings import CONTROLS, PROCEDURES, PruneSettings
 
 # ------------------------------------------------------------------------------------- numeric option types
@@ -28,7 +28,7 @@ def _number(kind: type, text: str) -> int | float:
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch sizes, epochs, iterations, image counts, threads)."""
-    value = _number(int, text)
+    value = int(_number(int, text))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
@@ -36,7 +36,7 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (warm-up runs, fine-tune epochs, seeds)."""
-    value = _number(int, text)
+    value = int(_number(int, text))
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
@@ -324,7 +324,7 @@ def add_timing(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _selected(args: argparse.Namespace) -> list[tuple[object, RunConfig]]:
+def _selected(args: argparse.Namespace) -> list[tuple[Stratum, RunConfig]]:
     """(stratum, config) of every config the command line selects: the preset's strata with their seeds (or
     --seeds), the overrides applied, --configs' prefixes matched against the ids before and after overrides."""
     preset = get_preset(args.preset)
@@ -365,9 +365,9 @@ def select_configs(args: argparse.Namespace) -> list[RunConfig]:
     )  # --seed on a multi-seed preset leaves one of each
 
 
-def select_strata(args: argparse.Namespace) -> list[tuple[object, list[RunConfig]]]:
+def select_strata(args: argparse.Namespace) -> list[tuple[Stratum, list[RunConfig]]]:
     """The selected configs per stratum of the preset, in the preset's order (a stratum with none left out)."""
-    by_stratum: dict[str, tuple[object, list[RunConfig]]] = {}
+    by_stratum: dict[str, tuple[Stratum, list[RunConfig]]] = {}
     for stratum, c in _selected(args):
         entry = by_stratum.setdefault(stratum.name, (stratum, []))
         if c not in entry[1]:

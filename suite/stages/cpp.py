@@ -62,7 +62,7 @@ def time_config_cpp(
     for v in variants:
         session = make_session(out / v.onnx, settings.provider, threads)
         provider = session.execution_provider.runner_flag
-        rounds = []
+        rounds: list[dict] = []
         with tempfile.TemporaryDirectory(prefix="capsbench-cpp-") as tmp:
             output = Path(tmp) / "outputs.cbt"
             # Each round is a fresh runner process, as the Python time stage's rounds are (issue 14).

@@ -57,8 +57,8 @@ def export_config(
     """
     out = Path(out_dir)
     if not rundir.is_trained(out):
-        row = {"config_id": cfg.id, "label": cfg.label, "status": "not trained"}
-        return [{**row, "error": not_trained_message(cfg, out)}]
+        head = {"config_id": cfg.id, "label": cfg.label, "status": "not trained"}
+        return [{**head, "error": not_trained_message(cfg, out)}]
     rows = []
     for v in present_variants(out):
         row: dict[str, Any] = {"config_id": cfg.id, "label": cfg.label, "variant": v.name}

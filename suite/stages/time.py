@@ -407,7 +407,12 @@ def _delayed(prepare: harness.Prepare, delay_ms: float) -> harness.Prepare:
 
     def slowed(images: np.ndarray):
         run, sync = prepare(images)
-        return (lambda: (time.sleep(delay), run())[1]), sync
+
+        def delayed_run():
+            time.sleep(delay)
+            return run()
+
+        return delayed_run, sync
 
     return slowed
 
