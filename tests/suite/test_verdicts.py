@@ -176,6 +176,18 @@ def test_pruning_inactive_is_compared_per_layer_over_the_layers_both_nets_share_
     assert entry["stratum"] == "depth 3, b0.50 c0.50, finetune"
 
 
+def test_claim_b_reads_a_config_without_caps_init_as_the_legacy_fan_in():
+    """to_dict leaves caps_init out at its legacy value fan_in (the depth preset's init): still fan_in."""
+    configs = []
+    for seed in range(6):
+        for dim, length in ((8, 0.001), (16, 0.01)):
+            c = _config(8, dim, 2, seed, 0.5, [0.0, 0.0], class_length=length)
+            del c["config"]["model"]["caps_init"]
+            configs.append(c)
+    entry = _one(verdicts(configs), "larger_dims_train_deeper")
+    assert entry["stratum"] == "init fan_in" and "cancels out" in entry["note"]
+
+
 def test_claim_b_pairs_dimension_16_with_8_at_the_same_count_depth_and_seed():
     configs = []
     for seed in range(6):
