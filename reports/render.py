@@ -774,6 +774,20 @@ def claims(run: dict, configs: list[dict]) -> list[dict]:
     return out
 
 
+def _budgets(configs: list[dict]) -> str:
+    """The inits and training budgets behind the run's verdicts, e.g. 'fan_in init, 1 epoch(s) on 6000 images'."""
+    seen = []
+    for c in configs:
+        cfg, m = c["config"], c["config"]["model"]
+        images = cfg.get("train_subset") or "all"
+        text = (
+            f"{m.get('caps_init', 'fan_in')} init, {cfg.get('epochs')} epoch(s) on {images} training images"
+        )
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
+
+
 def precheck_rows(run: dict) -> dict | None:
     """precheck.json as a table: per config its placement, largest gradient and each routed layer's RMS length
     at initialisation, measured beside the gain recursion's prediction."""
@@ -820,6 +834,7 @@ def build_context(run_dir: Path, baseline_dir: Path | None = None) -> dict[str, 
         "claims": claims(run, configs),
         "precheck": precheck_rows(run),
         "claims_rule": RULE,
+        "claims_budget": _budgets(configs),
         # The history's trend page beside the report (`capsbench all --history`), when there is one.
         "trend": R.TREND_FILE if (Path(run_dir) / R.TREND_FILE).is_file() else None,
         "threshold": next((c["health"].get("threshold") for c in configs if c["health"]), None),

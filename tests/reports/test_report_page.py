@@ -217,6 +217,8 @@ def test_without_verdicts_no_claim_is_said_to_fail(run_copy):
     assert claims.count('class="l not-testable"') == 2
     assert "no verdicts.json" in claims
     assert "Caution: 1 seed(s) per configuration" in html
+    # The budget behind every verdict is named (this older run's configs leave the legacy fan_in init out).
+    assert "this run's nets and budget only: fan_in init, 2 epoch(s) on 12000 training images" in claims
 
 
 def test_verdicts_json_is_shown_with_its_test_and_numbers(run_copy):
