@@ -21,6 +21,21 @@ def run(args) -> int:
             print(f"{preset.name:<8} {len(preset.configs()):>3} configs  {preset.description}")
         return 0
     preset = get_preset(args.preset)
-    for cfg in preset.configs():
-        print(f"{cfg.id}  {cfg.dataset:<14} {cfg.epochs:>3} ep  {cfg.label}")
+    for stratum in preset.stratum_list():
+        if (
+            preset.strata
+        ):  # a stratified study: each part with its stages and pruning (a config may be in two)
+            prune = stratum.prune or preset.prune
+            pruned = "prune" in (stratum.stages or ("prune",))
+            what = (
+                f"pairs {list(prune.pairs)}, {prune.procedure}, controls {list(prune.controls)}"
+                if pruned
+                else ""
+            )
+            stages = " ".join(stratum.stages) if stratum.stages else "every stage"
+            print(
+                f"# {stratum.name}: {len(stratum.configs())} configs; {stages}{'; ' + what if what else ''}"
+            )
+        for cfg in stratum.configs():
+            print(f"{cfg.id}  {cfg.dataset:<14} {cfg.epochs:>3} ep  {cfg.label}")
     return 0
