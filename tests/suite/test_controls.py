@@ -20,10 +20,23 @@ SHALLOW = next(c for c in get_preset("depth").configs() if c.model.depth == 2 an
 def run(tmp_path_factory, fashion_data_dir):
     """The depth preset's smallest config on 300 images: train, prune with its three controls, report."""
     runs = tmp_path_factory.mktemp("controls")
-    args = ["all", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs)]
-    args += ["--data-dir", str(fashion_data_dir), *TINY, "--only", "train", "prune", "report"]
-    args += ["--keep-intermediate"]  # the tests below read surgery.pt
-    assert main(args) == 0
+    where = [
+        "--preset",
+        "depth",
+        "--configs",
+        SHALLOW.id,
+        "--runs-dir",
+        str(runs),
+        "--data-dir",
+        str(fashion_data_dir),
+    ]
+    assert main(["all", *where, *TINY, "--only", "train"]) == 0
+    # The depth preset prunes only its edge stratum: its depth-2 config is pruned here by `capsbench prune`, with
+    # the preset's pair and fine-tuning and the three controls.
+    prune = ["prune", *where, *TINY[:4], "--no-progress", "--backbone", "0.5", "--caps", "0.5"]
+    prune += ["--finetune-epochs", "1", "--controls", "extra_training", "scratch", "random"]
+    assert main([*prune, "--keep-intermediate"]) == 0  # the tests below read surgery.pt
+    assert main(["all", *where, *TINY, "--only", "report"]) == 0
     run_dir = runs / "depth"
     (folder,) = [d for d in run_dir.iterdir() if (d / "config.json").is_file()]  # not .locks/
     prunes = {p.parent.name: read_result(p, "prune") for p in folder.glob("prune_*/prune.json")}
