@@ -16,6 +16,7 @@ Backbone: sahu 16/32/64 with 8 x 8 PrimaryCaps (288 primary capsules), the suite
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -71,6 +72,11 @@ def measure_init(x: torch.Tensor, seed: int) -> list[dict]:
                     lens = " ".join(f"{la['mean_length']:.2g}" for la in rows[-1]["layers"])
                     print(f"init {init:8s} {count:2d}x{dim:<2d} depth {depth}: {lens}", flush=True)
     return rows
+
+
+def grid(args) -> list[tuple[str, int, int, int]]:
+    """(init, count, dim, depth) of every net the train and eps parts train, in their order."""
+    return list(itertools.product(args.inits, args.counts, args.dims, args.depths))
 
 
 def train_one(
@@ -149,20 +155,18 @@ def main() -> None:
         }
     if "train" in args.parts:
         rows = []
-        for init in args.inits:
-            for count in args.counts:
-                for dim in args.dims:
-                    for depth in args.depths:
-                        cfg = net_config(depth, count, dim, init)
-                        r = train_one(cfg, x, y, xt, yt, args.epochs, args.batch, args.seed)
-                        rows.append({"init": init, "count": count, "dim": dim, "depth": depth, **r})
-                        frac = " ".join(f"{la['inactive_fraction']:.2f}" for la in r["layers"][1:])
-                        lens = " ".join(f"{la['mean_length']:.2g}" for la in r["layers"])
-                        print(
-                            f"train {init:8s} {count:2d}x{dim:<2d} depth {depth}: acc {r['test_accuracy']:.3f} "
-                            f"len {lens} | inactive {frac} | {r['train_seconds']}s + {r['eval_seconds']}s",
-                            flush=True,
-                        )
+        for init, count, dim, depth in grid(args):
+            r = train_one(
+                net_config(depth, count, dim, init), x, y, xt, yt, args.epochs, args.batch, args.seed
+            )
+            rows.append({"init": init, "count": count, "dim": dim, "depth": depth, **r})
+            frac = " ".join(f"{la['inactive_fraction']:.2f}" for la in r["layers"][1:])
+            lens = " ".join(f"{la['mean_length']:.2g}" for la in r["layers"])
+            print(
+                f"train {init:8s} {count:2d}x{dim:<2d} depth {depth}: acc {r['test_accuracy']:.3f} "
+                f"len {lens} | inactive {frac} | {r['train_seconds']}s + {r['eval_seconds']}s",
+                flush=True,
+            )
         settings = {"images": len(x), "epochs": args.epochs, "batch": args.batch, "seed": args.seed}
         result.setdefault("train", {"settings": settings, "rows": []})
         done = {(r["init"], r["count"], r["dim"], r["depth"]) for r in rows}
@@ -172,31 +176,21 @@ def main() -> None:
         result["train"] = {"settings": settings, "rows": keep + rows}
     if "eps" in args.parts:
         rows = []
-        for init in args.inits:
-            for count in args.counts:
-                for dim in args.dims:
-                    for depth in args.depths:
-                        for seed in args.seeds:
-                            for eps in args.eps_values:
-                                cfg = net_config(depth, count, dim, init)
-                                r = train_one(cfg, x, y, xt, yt, args.epochs, args.batch, seed, eps)
-                                rows.append(
-                                    {
-                                        "init": init,
-                                        "count": count,
-                                        "dim": dim,
-                                        "depth": depth,
-                                        "seed": seed,
-                                        "eps": eps,
-                                        **r,
-                                    }
-                                )
-                                frac = " ".join(f"{la['inactive_fraction']:.2f}" for la in r["layers"][1:])
-                                print(
-                                    f"eps {eps:g} {init} {count}x{dim} depth {depth} seed {seed}: acc "
-                                    f"{r['test_accuracy']:.3f} | inactive {frac} | {r['train_seconds']}s",
-                                    flush=True,
-                                )
+        for (init, count, dim, depth), seed, eps in itertools.product(
+            grid(args), args.seeds, args.eps_values
+        ):
+            r = train_one(
+                net_config(depth, count, dim, init), x, y, xt, yt, args.epochs, args.batch, seed, eps
+            )
+            rows.append(
+                {"init": init, "count": count, "dim": dim, "depth": depth, "seed": seed, "eps": eps, **r}
+            )
+            frac = " ".join(f"{la['inactive_fraction']:.2f}" for la in r["layers"][1:])
+            print(
+                f"eps {eps:g} {init} {count}x{dim} depth {depth} seed {seed}: acc "
+                f"{r['test_accuracy']:.3f} | inactive {frac} | {r['train_seconds']}s",
+                flush=True,
+            )
         settings = {"images": len(x), "epochs": args.epochs, "batch": args.batch, "seeds": args.seeds}
         result["eps"] = {"settings": settings, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
