@@ -19,7 +19,7 @@ import pytest
 
 from capsbench.suite import docker as dk
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout: the build context
+REPO = Path(__file__).resolve().parents[3]  # the checkout: the build context
 TAG = "capsbench:ci"
 NON_ROOT = (4242, 4242)  # a uid:gid the image does not know, as a host user's would be
 
@@ -271,7 +271,7 @@ class TestImage:
             user = "{}:{}".format(*NON_ROOT)
         # The whole pipeline in the image, offline, on less data and one timing round: what this test asserts
         # is that every stage runs there and leaves its results on the host (the smoke preset's accuracy on
-        # its full data is asserted on the host, tests/suite/test_train.py).
+        # its full data is asserted on the host, tests/suite/cli/test_train.py).
         args = ["all", "--preset", "smoke", "--train-subset", "3000", "--eval-subset", "500", "--epochs", "1"]
         args += ["--batch-sizes", "1", "8", "--iters", "10", "--rounds", "1", "--no-progress"]
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from capsbench.suite.cli import main
 from capsbench.suite.cli.summary import COLUMNS, format_summary, summary_rows
 from capsbench.suite.presets import get_preset
 
-SMOKE_RUN = Path(__file__).parents[1] / "reports" / "data" / "smoke"
+SMOKE_RUN = Path(__file__).parents[2] / "reports" / "data" / "smoke"
 
 
 @pytest.fixture
