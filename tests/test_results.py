@@ -96,3 +96,19 @@ def test_every_file_a_real_run_writes_is_named_by_the_contract(smoke_all_run):
         for stage in ("train", "health", "export"):
             for pattern in rundir.STAGE_FILES[stage].required:
                 assert list(folder.glob(pattern)), f"{cid}: {stage} left no {pattern}"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"schema_version": 1, "kind": "metrics", "x": "\xff"}', "not UTF-8"),
+        (b"7", "expected a JSON object"),
+    ],
+)
+def test_result_files_that_are_not_utf8_objects_are_refused_cleanly(tmp_path, content, message):
+    path = tmp_path / "metrics.json"
+    path.write_bytes(content)
+    with pytest.raises(ResultError, match=message):
+        rundir.read_result(path, "metrics")
+    assert rundir.read_if_valid(path, "metrics") is None

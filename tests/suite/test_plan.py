@@ -99,13 +99,3 @@ def test_a_stratified_run_prunes_only_its_strata_s_configs_and_the_authors_build
         "larger_dims_train_deeper",
     }
     assert (run_dir / "report.html").is_file()
-
-
-def test_presets_lists_a_stratified_preset_stratum_by_stratum(capsys):
-    assert main(["presets", "--preset", "depth"]) == 0
-    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
-    names = [st.name for st in get_preset("depth").stratum_list()]
-    assert [h[2:].split(":")[0] for h in heads] == names
-    assert "pairs [(0.5, 0.5), (0.5, 0.0), (0.0, 0.5)]" in heads[1] and "authors" in heads[3]
-    assert main(["presets", "--preset", "smoke"]) == 0
-    assert not any(line.startswith("# ") for line in capsys.readouterr().out.splitlines())

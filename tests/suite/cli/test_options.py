@@ -1,12 +1,13 @@
-"""Every registry entry is complete and reachable from the command line: stages, execution providers, pruning
-criteria, dataset formats."""
+"""The command line's shared options (suite/cli/options.py): every registry entry is complete and reachable from
+the command line (stages, execution providers, pruning criteria, dataset formats), and bad numbers are refused
+while parsing, in one line."""
 
 import pytest
 
 from capsbench.export.sessions import CPU, EXECUTION_PROVIDERS, PROVIDERS, execution_provider
 from capsbench.models.pruning import CRITERIA
 from capsbench.suite import data, stages
-from capsbench.suite.cli import build_parser
+from capsbench.suite.cli import build_parser, main
 
 
 def _choices(command: str, option: str) -> tuple:
@@ -47,3 +48,32 @@ def test_every_dataset_has_a_parser_and_its_split_files(name):
     for files in spec.splits.values():
         for f in files:
             spec.file(f)  # KeyError for a split naming a file the spec does not list
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["time", "--batch-sizes", "1", "0"],
+        ["time", "--batch-sizes", "-1"],
+        ["time", "--iters", "0"],
+        ["time", "--warmup", "-1"],
+        ["time", "--max-seconds", "nan"],
+        ["time", "--threads", "0"],
+        ["all", "--train-subset", "0"],
+        ["all", "--epochs", "0"],
+        ["all", "--seeds", "0"],
+        ["all", "--criterion", "bogus"],
+        ["all", "--prune", "1.0,0.5"],
+        ["prune", "--backbone", "1"],
+        ["prune", "--caps", "-0.1"],
+        ["prune", "--score-images", "0"],
+        ["export", "--parity-images", "0"],
+        ["check", "runs/x", "--baseline", "runs/y", "--accuracy-drop", "-1"],
+    ],
+)
+def test_bad_numbers_are_refused_while_parsing_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"capsbench {argv[0]}: error: argument")

@@ -137,6 +137,13 @@ def test_unreachable_daemon_says_how_to_start_one(tmp_path):
         dk.client(f"unix://{tmp_path / 'no-daemon.sock'}")
 
 
+def test_the_dataset_is_mounted_read_only_in_the_container():
+    from capsbench.suite.docker.driver import data_mount_mode
+
+    assert data_mount_mode(["all", "--preset", "smoke"]) == "ro"
+    assert data_mount_mode(["data", "fetch", "fashion-mnist"]) == "rw"
+
+
 # -------------------------------------------------------------------------------------------- with a daemon
 
 

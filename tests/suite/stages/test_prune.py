@@ -1,11 +1,11 @@
 """The pruning stage end to end on a deep smoke net trained on real Fashion-MNIST: `capsbench prune` writes a
-loadable pruned net, prune.json and health_pruned.json, skips finished settings, and sweeps ratios; CCM training."""
+loadable pruned net, prune.json and health_pruned.json, skips finished settings, and sweeps ratios."""
 
 import pytest
 
 from capsbench.suite import train as training
 from capsbench.suite.cli import main
-from capsbench.suite.presets import RunConfig, get_preset
+from capsbench.suite.presets import get_preset
 from capsbench.suite.rundir import (
     HEALTH_PRUNED_FILE,
     PRUNE_FILE,
@@ -101,23 +101,3 @@ def test_sweep_keeps_every_ratio_and_ratio_zero_keeps_accuracy(trained, fashion_
 def test_prune_refuses_an_untrained_config_and_says_to_train_first(tmp_path, fashion_data_dir, capsys):
     assert main(_cli(tmp_path, fashion_data_dir)) == 2
     assert "run 'capsbench train --preset smoke' first" in capsys.readouterr().err
-
-
-def test_ccm_weight_subtracts_the_ccm_term_while_training(tmp_path, fashion_data_dir):
-    cfg = DEEP.replace(train_subset=256, eval_subset=100, ccm_weight=0.01)
-    splits = training.load_splits(cfg, fashion_data_dir)
-    metrics = training.train(cfg, tmp_path, splits, progress=False)
-    assert 0.0 < metrics["history"][0]["train_ccm"] <= 3.0  # one mean |correlation| per backbone layer
-    assert (
-        "train_ccm"
-        not in training.train(
-            DEEP.replace(train_subset=256, eval_subset=100), tmp_path / "plain", splits, progress=False
-        )["history"][0]
-    )
-
-
-def test_ccm_fields_are_part_of_the_config_and_its_id():
-    assert DEEP.to_dict()["ccm_weight"] == 0.0
-    assert DEEP.replace(ccm_weight=0.01).id != DEEP.id
-    assert DEEP.replace(ccm_detach=True).id != DEEP.id
-    assert RunConfig.from_dict(DEEP.replace(ccm_weight=0.01, ccm_detach=True).to_dict()).ccm_detach
