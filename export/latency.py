@@ -1,4 +1,6 @@
-"""The one timing harness for every backend (ONNX Runtime, torch eager, torch.compile) and the batch-size sweep.
+"""The timing harness's parts: the stability rule, `summarize` (the one summariser of raw samples, the C++
+runner's included), the backends (ONNX Runtime, torch eager, torch.compile, CUDA graphs), the batch-size `sweep`,
+the precision policy and the machine probe (`gemm_gflops`). export/timing.py runs them in rounds.
 
 Every backend is timed by `time_backend` on the same inputs in the same process, so ratios are side by side.
 """
@@ -393,6 +395,25 @@ def graph_backend(path, provider: str, threads: int | None = None) -> Prepare:
         return run, sync
 
     return prepare
+
+
+def delayed(prepare: Prepare, delay_ms: float) -> Prepare:
+    """`prepare` with every call `delay_ms` slower: the test hook TimeSettings.ort_delay_ms, a real slowdown
+    that `capsbench check` must flag (latency.json records it as "test_ort_delay_ms")."""
+    delay = delay_ms / 1e3
+    if not delay:
+        return prepare
+
+    def slowed(images: np.ndarray) -> tuple[RunFn, Sync]:
+        run, sync = prepare(images)
+
+        def delayed_run() -> Any:
+            time.sleep(delay)
+            return run()
+
+        return delayed_run, sync
+
+    return slowed
 
 
 def take_batch(images: np.ndarray, batch: int) -> np.ndarray:

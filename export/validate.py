@@ -212,7 +212,9 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
 # ------------------------------------------------------------------------------------------------ parity
 
 
-def _torch_capsules(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
+def torch_capsules(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """The PyTorch model's class capsules for `images`, in batches: the reference every ONNX output is checked
+    against (never ONNX Runtime on the same file, which agrees with any file)."""
     model.eval()
     device = next(model.parameters()).device
     outs = []
@@ -253,7 +255,7 @@ def parity(
     ort_out = np.concatenate(
         [session.run(images[i : i + batch_size].numpy()) for i in range(0, len(images), batch_size)]
     )
-    ref = _torch_capsules(model, images, batch_size)
+    ref = torch_capsules(model, images, batch_size)
     if ort_out.shape != ref.shape:
         raise ParityError(
             f"{onnx_path}: ONNX gives capsules of shape {ort_out.shape[1:]} but the model gives "

@@ -14,6 +14,14 @@ from capsbench.suite.errors import CheckpointError
 from capsbench.suite.rundir import atomic_write
 
 
+def not_trained_message(cfg: Any, out_dir: Path) -> str:
+    """The one line for a stage asked to use a config (a RunConfig) whose training has not finished."""
+    return (
+        f"{cfg.id}: not trained yet (no finished training in {out_dir}); "
+        f"run 'capsbench train' for this config first (e.g. --configs {cfg.id})"
+    )
+
+
 def save_torch(path: Path, obj: Any) -> Path:
     """torch.save through a temp file and rename, so a killed run never leaves a truncated checkpoint. The
     bytes are made in memory first and written by Python: a full disk is then the OS's own error (ENOSPC,

@@ -171,12 +171,22 @@ def latency_figures(
     compile: bool,
     max_seconds: float | None,
 ) -> dict[str, Any]:
-    """Parity, node placement and the batch sweep of ORT (IOBinding; CUDA graphs on CUDA), torch eager and
-    torch.compile, all through export/'s session factory and timing harness."""
-    from capsbench.export import ParityError, make_session, parity
+    """Parity, node placement and one round of the time stage's timing (export/timing.py: its precision
+    policy, machine probe and sweep) of ORT (IOBinding; CUDA graphs on CUDA), torch eager and torch.compile."""
+    from capsbench.export import ParityError, make_session, parity, timing
     from capsbench.export import latency as harness
+    from capsbench.export.sessions import default_threads
 
     provider, device = ("cuda", "cuda") if cuda else ("cpu", "cpu")
+    settings = timing.TimeSettings(
+        batch_sizes=batches,
+        iters=iters,
+        warmup=warmup,
+        provider=provider,
+        compile=compile,
+        max_seconds=max_seconds,
+        rounds=1,
+    )
     session = make_session(onnx_path, provider)
     model = model.eval().to(device)
     with harness.fp32_torch():
@@ -184,40 +194,23 @@ def latency_figures(
             par = parity(onnx_path, model, images, session=session)
         except ParityError as e:
             par = {**getattr(e, "result", {}), "passed": False, "error": str(e)}
-    x = images.numpy()
-    placement = placement_summary(placement_by_op(onnx_path, x[:1], provider=provider))
-    # On CUDA the session's runner binds inputs and outputs to device buffers (IOBinding): no copy is timed.
-    backends: dict[str, harness.Prepare] = {f"ort_{provider}": harness.ort_backend(session)}
-    if cuda:  # a captured graph has fixed shapes: one session per batch size
-        backends["ort_cuda_graph"] = harness.graph_backend(onnx_path, "cuda")
-    backends["torch_eager"] = harness.torch_backend(model, device)
-    if compile:
-        backends["torch_compile"] = harness.torch_backend(model, device, compile=True)
-    # torch in fp32 like ORT (use_tf32=0): the speedups compare the same arithmetic
-    with harness.fp32_torch():
-        rows = harness.sweep(
-            backends,
-            x,
-            batches,
-            warmup=warmup,
-            iters=iters,
-            max_seconds=max_seconds,
-            progress=lambda line: print(line, flush=True),
-        )
+    x, threads = images.numpy(), default_threads()
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    done = timing.timed_round(
+        lambda: timing.sweep_model(onnx_path, model, x, settings, threads, placement=True, progress=say),
+        threads=threads,
+        probe_device=device,
+    )
+    rows = done["rows"]
     return {
         "provider": session.provider,
-        "session": session.info,
+        "session": done["session"],
         "parity": {k: v for k, v in par.items() if not isinstance(v, list | np.ndarray)},
-        **placement,
-        "settings": {
-            "batch_sizes": list(batches),
-            "warmup": warmup,
-            "iters": iters,
-            "max_seconds": max_seconds,
-            "compile": compile,
-            "iobinding": cuda,
-            "tf32": False,
-        },
+        **done["node_placement"],
+        "settings": {**settings.to_dict(), "iobinding": cuda, "tf32": False},
+        "precision": done["precision"],
+        "machine_probe": timing.machine_probe([done]),
+        "contention": done["contention"],
         "rows": rows,
         "table": harness.format_table(rows),
     }

@@ -70,8 +70,9 @@ std::string one_line(const std::string& s) {
 const char* kUsageText = R"(Usage: capsbench-runner --model MODEL.onnx [options]
 
 Times MODEL with ONNX Runtime (C++ API) like capsbench's Python harness: per batch size one first run
-(reported as first_run_ms), WARMUP-1 more untimed runs, then ITERS timed runs; prints JSON with p50_ms,
-p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms, first_run_ms and throughput_ips (images/s at the median).
+(reported as first_run_ms), WARMUP-1 more untimed runs, then ITERS timed runs; prints JSON with, per batch
+size, the raw samples: every timed run in order (samples_ms) and the first run (first_run_ms). capsbench
+computes percentiles, spread and stability from them in Python, as for every other backend.
 
 Options:
   --model FILE        the ONNX model (one input; axis 0 of the input is the batch axis)
@@ -264,43 +265,17 @@ struct Json {
 
 // --------------------------------------------------------------------------------------------- statistics
 
-// numpy.percentile with its default linear interpolation, on sorted values.
-double percentile(const std::vector<double>& sorted, double q) {
-  const double pos = q / 100.0 * static_cast<double>(sorted.size() - 1);
-  const auto lo = static_cast<size_t>(std::floor(pos)), hi = static_cast<size_t>(std::ceil(pos));
-  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
-}
-
-// The fields of capsbench.export.latency.summarize: ms, std with ddof=1, throughput in images/s at p50, and
-// the raw samples (samples_ms).
-std::vector<std::pair<std::string, Json>> summarize(const std::vector<double>& seconds, int64_t batch, double first_s) {
-  std::vector<double> d;
-  for (double s : seconds) d.push_back(s * 1e3);
-  std::vector<double> sorted = d;
-  std::sort(sorted.begin(), sorted.end());
-  const double n = static_cast<double>(d.size());
-  const double mean = std::accumulate(d.begin(), d.end(), 0.0) / n;
-  double ss = 0;
-  for (double x : d) ss += (x - mean) * (x - mean);
-  const double p50 = percentile(sorted, 50);
-  // Every timed run in order, so Python computes the spread and stability with the one summariser
-  // (capsbench.export.latency.summarize) and `capsbench check` can resample them.
+// The raw samples of one batch size: every timed run in order (ms) and the first run alone. The statistics
+// (percentiles, spread, stability) are computed in Python by the one summariser every backend goes through
+// (capsbench.export.latency.summarize), which `capsbench check` resamples from.
+std::vector<std::pair<std::string, Json>> samples(const std::vector<double>& seconds, int64_t batch, double first_s) {
   std::vector<Json> items;
-  for (double x : d) items.push_back(Json::num(x));
-  const Json samples_ms = Json::array(items);
+  for (double s : seconds) items.push_back(Json::num(s * 1e3));
   return {
       {"batch", Json::integer(batch)},
-      {"iters", Json::integer(static_cast<long long>(d.size()))},
-      {"p50_ms", Json::num(p50)},
-      {"p90_ms", Json::num(percentile(sorted, 90))},
-      {"p99_ms", Json::num(percentile(sorted, 99))},
-      {"mean_ms", Json::num(mean)},
-      {"std_ms", Json::num(d.size() > 1 ? std::sqrt(ss / (n - 1)) : 0.0)},
-      {"min_ms", Json::num(sorted.front())},
-      {"max_ms", Json::num(sorted.back())},
+      {"iters", Json::integer(static_cast<long long>(seconds.size()))},
       {"first_run_ms", Json::num(first_s * 1e3)},
-      {"throughput_ips", p50 > 0 ? Json::num(static_cast<double>(batch) / (p50 / 1e3)) : Json::null()},
-      {"samples_ms", samples_ms},
+      {"samples_ms", Json::array(items)},
   };
 }
 
@@ -651,7 +626,7 @@ std::vector<std::pair<std::string, Json>> time_runs(const std::function<void()>&
     timed += durations.back();
     if (opt.max_seconds > 0 && static_cast<int>(durations.size()) >= kMinIters && timed > opt.max_seconds) break;
   }
-  return summarize(durations, batch, first);
+  return samples(durations, batch, first);
 }
 
 std::string cpu_model() {

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from capsbench.export.latency import format_table
 from capsbench.suite.cli import options
 from capsbench.suite.rundir import LATENCY_FILE
-from capsbench.suite.stages.time import format_latency
 
 
 def register(sub) -> None:
@@ -42,3 +42,24 @@ def run(args) -> int:
         print(format_latency(latency))
     print(f"results: {out}")
     return result.exit_code
+
+
+def format_latency(result: dict) -> str:
+    """The p50 table per variant, with ORT's speedup over torch eager and GFLOP/s against the GEMM rate."""
+    parts = []
+    for variant in dict.fromkeys(r["variant"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["variant"] == variant]
+        gflop = result["flops_per_image"][variant] / 1e9
+        parts.append(f"{result['config_id']} {variant} ({gflop:.3f} GFLOP/image)  {result['label']}")
+        parts.append(format_table(rows))
+        ok = [r for r in rows if r.get("status") == "ok" and r.get("gemm_fraction") is not None]
+        if ok and result.get("gemm"):
+            best = max(ok, key=lambda r: r["gflops_per_s"])
+            parts.append(
+                f"best: {best['backend']} at batch {best['batch']}: {best['gflops_per_s']:.1f} GFLOP/s = "
+                f"{100 * best['gemm_fraction']:.0f}% of the {result['gemm']['gflops_per_s']:.1f} GFLOP/s fp32 "
+                f"GEMM rate"
+            )
+        errors = [r for r in rows if r.get("status") != "ok"]
+        parts.extend(f"  {r['backend']} batch {r['batch']}: {r['error']}" for r in errors)
+    return "\n".join(parts)

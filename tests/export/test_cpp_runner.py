@@ -214,6 +214,28 @@ def test_runner_json_has_the_python_harness_schema(runner, capsnet_onnx, fashion
     assert res["output_names"] == ["capsules", "lengths"]
 
 
+def test_the_runner_reports_raw_samples_only_and_python_computes_every_statistic(
+    runner, capsnet_onnx, tmp_path
+):
+    out = tmp_path / "runner.json"
+    cmd = [str(runner), "--model", str(capsnet_onnx), "--batch", "1,4", "--warmup", "1", "--iters", "6"]
+    subprocess.run([*cmd, "--threads", str(THREADS), "--json", str(out)], check=True, capture_output=True)
+    for row in json.loads(out.read_text())["rows"]:
+        # no percentile of its own that Python would discard: one summariser computes them for every backend
+        assert not {
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "mean_ms",
+            "std_ms",
+            "min_ms",
+            "max_ms",
+            "throughput_ips",
+        } & set(row)
+        assert len(row["samples_ms"]) == row["iters"] == 6 and all(x > 0 for x in row["samples_ms"])
+        assert row["first_run_ms"] > 0
+
+
 def test_runner_outputs_equal_python_ort_on_real_fashion_mnist(runner, capsnet_onnx, fashion_test, tmp_path):
     images, labels = fashion_test[0][:64], fashion_test[1][:64]
     want = python_ort(capsnet_onnx, images)

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
+
 from capsbench.export.latency import MAX_OTHER_CORES
 from capsbench.export.sessions import default_threads
+from capsbench.export.timing import MAX_PROBE_DRIFT, clean_rounds, machine_probe, rounds_agree
 from capsbench.reports.compare import compare_runs
 from capsbench.suite.cli import main
-from capsbench.suite.stages.time import MAX_PROBE_DRIFT, clean_rounds, machine_probe, rounds_agree
 
 
 def _scripted_rounds(contentions):
@@ -183,7 +186,7 @@ def test_the_ort_delay_test_hook_is_a_setting_and_part_of_the_cache_key(tmp_path
     """A latency timed without the hook is not reused for a run asked to add it, nor the other way round; at 0 the
     settings read as before the hook existed, so finished results stay finished."""
     from capsbench.suite.rundir import write_json
-    from capsbench.suite.stages.time import TimeSettings, finished_latency
+    from capsbench.suite.timing import TimeSettings, finished_latency
 
     plain, slowed = TimeSettings(), TimeSettings(ort_delay_ms=3.0)
     assert "ort_delay_ms" not in plain.to_dict() and slowed.to_dict()["ort_delay_ms"] == 3.0
@@ -194,3 +197,43 @@ def test_the_ort_delay_test_hook_is_a_setting_and_part_of_the_cache_key(tmp_path
         })  # fmt: skip
         assert finished_latency(path, timed, shas) is not None
         assert finished_latency(path, asked, shas) is None
+
+
+def test_a_round_probes_the_machine_holds_torch_to_ieee_fp32_and_restores_its_threads():
+    import torch
+
+    from capsbench.export.timing import timed_round
+
+    seen = {}
+
+    def sweep():
+        seen["threads"] = torch.get_num_threads()
+        seen["tf32"] = torch.backends.cuda.matmul.fp32_precision
+        rows = [{"backend": "ort_cpu", "batch": 1, "status": "ok", "stable": True, "p50_ms": 1.0,
+                 "other_cores": 1.5, "contention_window_s": 1.0}]  # fmt: skip
+        return rows, {"session": "s"}
+
+    before = torch.get_num_threads()
+    r = timed_round(sweep, threads=1)
+    assert seen == {"threads": 1, "tf32": "ieee"} and torch.get_num_threads() == before
+    assert len(r["probes"]) == 2 and r["gemm"]["cpu"] is r["probes"][0] and r["session"] == "s"
+    assert r["precision"]["torch_tf32"] is False
+    # the other processes' 1.5 cores while it ran: the round is set aside and its rows unstable, with the reason
+    assert r["contention"] is not None and "1.50 cores" in r["contention"]
+    assert r["rows"][0]["stable"] is False and r["rows"][0]["unstable_reason"] == r["contention"]
+
+
+def test_the_cpp_stage_times_in_the_python_stages_rounds(smoke_all_run):
+    """latency_cpp.json comes from the same rounds as latency.json: a machine probe at each round's start and
+    end, the precision policy, and every row pooled from the runner's raw samples of each round."""
+    for folder in sorted(p for p in smoke_all_run.iterdir() if (p / "latency_cpp.json").is_file()):
+        cpp = json.loads((folder / "latency_cpp.json").read_text())
+        py = json.loads((folder / "latency.json").read_text())
+        assert set(cpp["settings"]) == set(py["settings"]) and cpp["precision"] == py["precision"]
+        assert len(cpp["machine_probe"]["round_p50_ms"]) == cpp["rounds"] >= 2
+        assert all(len(p) == 2 for p in cpp["machine_probe"]["round_p50_ms"])  # start and end of each round
+        for row in cpp["rows"]:
+            assert row["status"] == "ok" and row["backend"] == "ort_cpp_cpu"
+            assert len(row["round_samples_ms"]) == cpp["rounds"] == row["rounds"]
+            every = [x for r in row["round_samples_ms"] for x in r]
+            assert row["p50_ms"] == pytest.approx(float(np.median(every)))  # Python's summariser, all rounds
