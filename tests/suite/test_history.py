@@ -383,8 +383,12 @@ def _retime(src: Path, runs: Path, name: str, config: str, delay_ms: float = 0) 
     return dst
 
 
+# Not `timing`: beside the under-load run's spinning core every round is contended and every gate unstable, so
+# this test (seven real timings, 17 minutes there) could only skip. What must hold under load, that a disturbed
+# or unstable measurement is never a regression nor ok, is asserted on real timings beside a busy CPU in
+# tests/export/test_timing.py and through the store in
+# test_an_unstable_measurement_or_a_disturbed_machine_is_never_a_regression.
 @pytest.mark.slow
-@pytest.mark.timing
 def test_same_commit_retimings_give_no_alert_and_an_added_cost_per_ort_call_is_flagged(
     smoke_all_run, tmp_path, capsys
 ):

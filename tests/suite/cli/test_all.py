@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from capsbench.suite import train as training
-from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 
 SMOKE = get_preset("smoke").configs()
@@ -70,7 +69,7 @@ def test_all_runs_every_stage_for_every_config(smoke_all_run):
             assert ok and all(len(r["round_samples_ms"]) == r["rounds"] <= lat["rounds"] for r in ok)
             assert 2 <= lat["rounds"] <= 3
             # Two rounds only when they agreed: every measurement stable in both (and their gated figures
-            # within 10 %: tests/suite/test_timing_rounds.py); three otherwise.
+            # within 10 %: tests/export/test_timing.py); three otherwise.
             for r in ok:
                 if r["rounds"] == 2:
                     assert all(r["round_stable"]), r
@@ -186,7 +185,7 @@ def test_all_killed_during_timing_resumes_without_redoing_finished_stages(
     assert "report: " in done.stdout
 
 
-def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, capsys):
+def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli):
     real_loss = training.margin_loss
     calls = {"n": 0}
 
@@ -196,7 +195,7 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(training, "margin_loss", exploding_loss)
-    code = main(
+    run = cli(
         [
             "all",
             "--preset",
@@ -217,7 +216,7 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
             "--no-progress",
         ]
     )
-    assert code == 1
+    assert run.code == 1
     cfgs = [c.replace(epochs=1, train_subset=400, eval_subset=200) for c in SMOKE]
     first = _json(tmp_path / "smoke" / cfgs[0].id / "pipeline.json")
     assert first["status"] == "failed" and first["train"]["status"] == "failed"
@@ -226,13 +225,12 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     assert "DivergenceError" in (tmp_path / "smoke" / cfgs[0].id / "error.txt").read_text()
     assert _json(tmp_path / "smoke" / cfgs[0].id / "metrics.json")["status"] == "diverged"
     assert _json(tmp_path / "smoke" / cfgs[1].id / "pipeline.json")["status"] == "complete"
-    out = capsys.readouterr().out
-    assert "FAILED" in out and "report: " in out
+    assert "FAILED" in run.out and "report: " in run.out
     assert "diverged" in (tmp_path / "smoke" / "report.html").read_text()
 
 
-def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir):
-    code = main(
+def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir, cli):
+    run = cli(
         [
             "all",
             "--preset",
@@ -257,27 +255,25 @@ def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir
             "--no-progress",
         ]
     )
-    assert code == 0
+    assert run.code == 0
     seeds = sorted(_json(p)["config"]["seed"] for p in (tmp_path / "smoke").glob("*/config.json"))
     assert seeds == [0, 1]
     assert "Mean ± std over seeds" in (tmp_path / "smoke" / "report.html").read_text()
 
 
-def test_an_unavailable_provider_fails_each_config_without_a_traceback(tmp_path, fashion_data_dir, capsys):
+def test_an_unavailable_provider_fails_each_config_without_a_traceback(tmp_path, fashion_data_dir, cli):
     """`all --provider cuda` on a machine without CUDA: every config's timing stages are recorded as failed
     (message in pipeline.json, traceback in error.txt), no config stops the others, one line per failure."""
     common = ["--preset", "smoke", "--runs-dir", str(tmp_path), "--data-dir", str(fashion_data_dir)]
     tiny = ["--epochs", "1", "--train-subset", "64", "--eval-subset", "32", "--no-progress"]
-    assert main(["all", *common, *tiny, "--only", "train", "export"]) == 0
-    capsys.readouterr()
+    assert cli(["all", *common, *tiny, "--only", "train", "export"]).code == 0
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the provider is available")
     timing = ["--batch-sizes", "1", "--iters", "2"]
-    code = main(["all", *common, *tiny, *timing, "--only", "time", "cpp", "--provider", "cuda"])
-    captured = capsys.readouterr()
-    assert code == 2 and "Traceback" not in captured.err
+    captured = cli(["all", *common, *tiny, *timing, "--only", "time", "cpp", "--provider", "cuda"])
+    assert captured.code == 2 and "Traceback" not in captured.err
     cfgs = [c.replace(epochs=1, train_subset=64, eval_subset=32) for c in SMOKE]
     assert captured.err.count("\n") == 2 * len(cfgs)  # time and cpp of every config
     for cfg in cfgs:
