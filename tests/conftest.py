@@ -3,6 +3,10 @@
 CI fetches them the same way (.ci/run); a missing source fails with the dataset module's own message.
 """
 
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,39 @@ def fashion_data_dir() -> Path:
     data_dir = data.resolve_data_dir(None)
     data.fetch("fashion-mnist", data_dir, progress=False)
     return data_dir
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """One `capsbench` command run in this process: its exit code and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(request) -> Callable[[Sequence[str | PathLike]], CliResult]:
+    """`cli(argv)` runs `capsbench ARGV` in this process (capsbench.suite.cli.main, as the console script does)
+    and returns CliResult(code, out, err): the exit code and that command's own stdout and stderr (through
+    capsys, or capfd when the test asks for it: what subprocesses and C code write too). An exit of argparse's
+    (--help, a bad option) raises SystemExit, as it does from main. Everything printed is printed again, so a
+    failing test's report still shows it. Session fixtures, which cannot use a test's capture, call main."""
+    from capsbench.suite.cli import main
+
+    capture = request.getfixturevalue("capfd" if "capfd" in request.fixturenames else "capsys")
+
+    def run(argv: Sequence[str | PathLike]) -> CliResult:
+        before = capture.readouterr()  # what came earlier is not this command's
+        try:
+            code = main([str(a) for a in argv])
+        finally:
+            out, err = capture.readouterr()
+            sys.stdout.write(before.out + out)
+            sys.stderr.write(before.err + err)
+        return CliResult(code, out, err)
+
+    return run
 
 
 # Session fixtures that run the benchmark end to end: every test using one is `slow` (left out of the fast loop

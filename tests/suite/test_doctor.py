@@ -6,21 +6,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from capsbench.suite.cli import main
 from capsbench.suite.doctor import cuda_missing
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report on a machine without a GPU")
 
 
-def run_doctor(capsys, *args) -> tuple[int, str]:
-    code = main(["doctor", *args])
-    return code, capsys.readouterr().out
-
-
-def test_doctor_json_matches_this_machine(capsys, fashion_data_dir):
-    code, out = run_doctor(capsys, "--json", "--data-dir", str(fashion_data_dir))
-    assert code == 0
-    r = json.loads(out)
+def test_doctor_json_matches_this_machine(cli, fashion_data_dir):
+    doctor = cli(["doctor", "--json", "--data-dir", str(fashion_data_dir)])
+    assert doctor.code == 0
+    r = json.loads(doctor.out)
     assert r["torch"]["version"] == torch.__version__
     assert r["torch"]["cuda_available"] is torch.cuda.is_available()
     assert r["torch"]["cuda_build"] == torch.version.cuda
@@ -35,14 +29,14 @@ def test_doctor_json_matches_this_machine(capsys, fashion_data_dir):
 
 
 @no_gpu
-def test_doctor_on_a_cpu_machine_says_cpu_and_why_cuda_checks_cannot_run(capsys, fashion_data_dir):
-    code, out = run_doctor(capsys, "--data-dir", str(fashion_data_dir))
-    assert code == 0
+def test_doctor_on_a_cpu_machine_says_cpu_and_why_cuda_checks_cannot_run(cli, fashion_data_dir):
+    doctor = cli(["doctor", "--data-dir", str(fashion_data_dir)])
+    assert doctor.code == 0
+    out = doctor.out
     assert "CUDA available: no" in out
     assert "capsbench will use: torch on cpu, ONNX Runtime's CPUExecutionProvider" in out
     assert "sees no CUDA device" in out and "sees no CUDA device" in cuda_missing()
-    code, out = run_doctor(capsys, "--json", "--data-dir", str(fashion_data_dir))
-    r = json.loads(out)
+    r = json.loads(cli(["doctor", "--json", "--data-dir", str(fashion_data_dir)]).out)
     assert r["onnxruntime"]["session"]["provider"] == "CPUExecutionProvider"
     assert r["torch"]["gpus"] == [] and r["will_use"]["docker_gpus"] is False
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from capsbench.suite import plan
-from capsbench.suite.cli import build_parser, main
+from capsbench.suite.cli import build_parser
 from capsbench.suite.cli.options import select_strata
 from capsbench.suite.presets import get_preset
 from capsbench.suite.stages import NAMES
@@ -54,7 +54,7 @@ def test_the_depth_preset_runs_each_stratum_with_its_stages_and_pruning_then_tim
 
 @pytest.mark.slow
 def test_a_stratified_run_prunes_only_its_strata_s_configs_and_the_authors_build_on_depth_0(
-    tmp_path, fashion_data_dir, capsys
+    tmp_path, fashion_data_dir, cli
 ):
     grid, edge, base, authors = get_preset("depth").stratum_list()
     picked = [edge.configs(1)[0], base.configs(1)[0], authors.configs(1)[0]]
@@ -71,8 +71,9 @@ def test_a_stratified_run_prunes_only_its_strata_s_configs_and_the_authors_build
         "100",
     ]
     args += ["--score-images", "32", "--no-progress", "--skip", "export", "time", "cpp"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
+    run = cli(args)
+    assert run.code == 0
+    out = run.out
     assert "plan: " in out and edge.name in out
     run_dir = runs / "depth"
     folders = {d.name: d for d in run_dir.iterdir() if (d / "config.json").is_file()}

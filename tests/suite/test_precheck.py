@@ -13,7 +13,6 @@ from capsbench.reports.render import render_report
 from capsbench.results import PRECHECK_FILE, read_result
 from capsbench.suite import precheck
 from capsbench.suite import train as training
-from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 
 DEPTH = get_preset("depth").configs()[0]  # sahu 16/32/64, fan_in, 8x8 PrimaryCaps
@@ -56,18 +55,19 @@ def test_the_placement_rule_reads_the_largest_gradient_against_adam_eps():
     assert precheck.placement([]) == "past" and precheck.placement([100 * eps]) == "healthy"
 
 
-def test_capsbench_precheck_writes_its_file_and_the_report_shows_it(tmp_path, fashion_data_dir, capsys):
+def test_capsbench_precheck_writes_its_file_and_the_report_shows_it(tmp_path, fashion_data_dir, cli):
     runs = tmp_path / "runs"
     args = ["precheck", "--preset", "depth", "--configs", _at(4).id, "--runs-dir", str(runs)]
-    assert main([*args, "--data-dir", str(fashion_data_dir)]) == 0
-    out = capsys.readouterr().out
+    precheck_run = cli([*args, "--data-dir", str(fashion_data_dir)])
+    assert precheck_run.code == 0
+    out = precheck_run.out
     assert _at(4).id in out and "past" in out
     data = read_result(runs / "depth" / PRECHECK_FILE, "precheck")
     (row,) = data["configs"]
     assert row["config_id"] == _at(4).id and row["placement"] == "past" and len(row["layers"]) == 5
     # A report of that run folder (one trained config is enough) carries the pre-check's table.
     assert (
-        main(
+        cli(
             [
                 "all",
                 "--preset",
@@ -91,7 +91,7 @@ def test_capsbench_precheck_writes_its_file_and_the_report_shows_it(tmp_path, fa
                 "1",
                 "--no-progress",
             ]
-        )
+        ).code
         == 0
     )
     html = render_report(runs / "depth").read_text()

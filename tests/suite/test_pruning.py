@@ -97,9 +97,7 @@ def test_the_scratch_control_starts_from_fresh_weights(run):
     assert not torch.equal(scratch["model"][key], pruned["model"][key])
 
 
-def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbone(
-    run, fashion_data_dir, capsys
-):
+def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbone(run, fashion_data_dir, cli):
     """finetune keeps the trained capsule weights; the authors' procedure prunes the backbone and PrimaryCaps of
     the net at the base depth and draws every capsule layer afresh (seeded by the config's seed); its
     extra_training control builds on the whole unpruned backbone; a base depth whose net is not trained is
@@ -122,13 +120,15 @@ def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbon
     args += ["--score-images", "64", "--keep-intermediate"]
     base = torch.load(folder / CHECKPOINT_FILE, weights_only=True)["model"]
 
-    assert main([*args, "--procedure", "finetune"]) == 0
+    assert cli([*args, "--procedure", "finetune"]).code == 0
     surgery = torch.load(folder / "prune_chip_b0.50_c0.25_i0.00" / SURGERY_FILE, weights_only=True)["model"]
     assert all(
         torch.equal(surgery[f"caps_layers.{i}.weight"], base[f"caps_layers.{i}.weight"]) for i in (1, 2)
     )
 
-    assert main([*args, "--procedure", "authors", "--base-depth", "2", "--controls", "extra_training"]) == 0
+    assert (
+        cli([*args, "--procedure", "authors", "--base-depth", "2", "--controls", "extra_training"]).code == 0
+    )
     for name in ("prune_chip_b0.50_c0.25_authors_base2", "prune_extra_training_b0.00_c0.00_authors_base2"):
         state = torch.load(folder / name / SURGERY_FILE, weights_only=True)
         result = read_result(folder / name / "prune.json", "prune")
@@ -147,9 +147,9 @@ def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbon
             assert state["model"][key].shape[0] == base[key].shape[0] - base[key].shape[0] // 2
             assert state["model_config"]["primary_types"] == SHALLOW.model.primary_types - 2
 
-    capsys.readouterr()
-    assert main([*args, "--procedure", "authors", "--base-depth", "1"]) != 0
-    err = capsys.readouterr().err
+    refused = cli([*args, "--procedure", "authors", "--base-depth", "1"])
+    assert refused.code != 0
+    err = refused.err
     trained = SHALLOW.replace(train_subset=300, eval_subset=100, epochs=1)
     assert trained.id == folder.name
     depth1 = trained.replace(intermediate=SHALLOW.model.intermediate[:1])

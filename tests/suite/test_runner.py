@@ -29,9 +29,10 @@ CFG = SHALLOW.replace(train_subset=256, eval_subset=128, epochs=1)
 PRUNE = "prune_chip_b0.25_c0.25"
 
 
-def _all(runs: Path, data_dir: Path, *extra: str) -> int:
+def _all(runs: Path, data_dir: Path, *extra: str) -> list[str]:
+    """`capsbench all` of the tiny config in `runs`, with `extra` options."""
     args = ["all", "--runs-dir", str(runs), "--data-dir", str(data_dir), "--configs", SHALLOW.id, *TINY]
-    return main([*args, "--finetune-epochs", "1", "--no-progress", *extra])
+    return [*args, "--finetune-epochs", "1", "--no-progress", *extra]
 
 
 def _json(path: Path) -> dict:
@@ -42,7 +43,7 @@ def _json(path: Path) -> dict:
 def tiny_run(tmp_path_factory, fashion_data_dir) -> Path:
     """One config trained, pruned (one fine-tune epoch) and exported: the folder every test copies."""
     runs = tmp_path_factory.mktemp("integrity")
-    assert _all(runs, fashion_data_dir, "--only", "train", "prune", "export") == 0
+    assert main(_all(runs, fashion_data_dir, "--only", "train", "prune", "export")) == 0
     return runs / "smoke"
 
 
@@ -56,7 +57,7 @@ def run_copy(tiny_run, tmp_path) -> Path:
 # -------------------------------------------------------------------------------------------- 2. provenance
 
 
-def test_retraining_a_base_redoes_its_pruned_children(run_copy, fashion_data_dir, capsys):
+def test_retraining_a_base_redoes_its_pruned_children(run_copy, fashion_data_dir, cli):
     runs, folder = run_copy.parent, run_copy / CFG.id
     old_pruned = rundir.sha256(folder / PRUNE / rundir.PRUNED_FILE)
     # Another base under the same config, as `train --force` with other code gives (the same code retrains the
@@ -67,9 +68,9 @@ def test_retraining_a_base_redoes_its_pruned_children(run_copy, fashion_data_dir
     pipeline = _json(folder / rundir.PIPELINE_FILE)
     pipeline["train"]["outputs"][rundir.CHECKPOINT_FILE] = rundir.sha256(folder / rundir.CHECKPOINT_FILE)
     (folder / rundir.PIPELINE_FILE).write_text(json.dumps(pipeline))
-    capsys.readouterr()
-    assert _all(runs, fashion_data_dir, "--only", "train", "prune", "export") == 0
-    out = capsys.readouterr().out
+    again = cli(_all(runs, fashion_data_dir, "--only", "train", "prune", "export"))
+    assert again.code == 0
+    out = again.out
     assert "train: cached" in out, out
     assert "prune: redoing: checkpoint.pt (which it read) changed" in out, out
     assert "export: redoing: checkpoint.pt (which it read) changed" in out, out
@@ -79,7 +80,7 @@ def test_retraining_a_base_redoes_its_pruned_children(run_copy, fashion_data_dir
 
 
 def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_all(
-    run_copy, tiny_run, fashion_data_dir, capsys
+    run_copy, tiny_run, fashion_data_dir, cli
 ):
     runs = run_copy.parent
     folder = run_copy / CFG.id
@@ -87,21 +88,24 @@ def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_
     run_json = (run_copy / rundir.RUN_FILE).read_bytes()
     common = ["--runs-dir", str(runs), "--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id, *TINY]
     timing = ["--batch-sizes", "1", "--iters", "1", "--warmup", "0"]
-    capsys.readouterr()
-    assert main(["check", str(run_copy), "--baseline", str(tiny_run)]) == 2
-    err = capsys.readouterr().err.strip()
+    check = cli(["check", str(run_copy), "--baseline", str(tiny_run)])
+    assert check.code == 2
+    err = check.err.strip()
     assert "cannot compare" in err and "model.onnx: not the file its export recorded" in err
     assert len(err.splitlines()) == 1
-    assert main(["time", *common, *timing]) == 2
-    assert "not the file export wrote" in capsys.readouterr().err
-    assert main(["all", *common, *timing, "--only", "cpp", "--no-progress"]) == 2
-    assert "not the file export wrote" in capsys.readouterr().err
+    timed = cli(["time", *common, *timing])
+    assert timed.code == 2
+    assert "not the file export wrote" in timed.err
+    cpp = cli(["all", *common, *timing, "--only", "cpp", "--no-progress"])
+    assert cpp.code == 2
+    assert "not the file export wrote" in cpp.err
     assert not (folder / rundir.LATENCY_FILE).exists()
     # A failing invocation leaves run.json as it was.
     assert (run_copy / rundir.RUN_FILE).read_bytes() == run_json
     # The runner sees that export's output changed and exports again.
-    assert _all(runs, fashion_data_dir, "--only", "export") == 0
-    assert "export: redoing: model.onnx (which it wrote) changed" in capsys.readouterr().out
+    exported = cli(_all(runs, fashion_data_dir, "--only", "export"))
+    assert exported.code == 0
+    assert "export: redoing: model.onnx (which it wrote) changed" in exported.out
     assert rundir.sha256(folder / rundir.ONNX_FILE) == _json(folder / rundir.EXPORT_FILE)["onnx_sha256"]
     assert rundir.sha256(folder / rundir.ONNX_FILE) == rundir.sha256(tiny_run / CFG.id / rundir.ONNX_FILE)
 
@@ -109,7 +113,9 @@ def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_
 # ------------------------------------------------------------------------------- 3. history-free global state
 
 
-def test_a_stage_s_thread_count_and_grad_mode_do_not_leak_into_the_next_stage(run_copy, fashion_data_dir):
+def test_a_stage_s_thread_count_and_grad_mode_do_not_leak_into_the_next_stage(
+    run_copy, fashion_data_dir, cli
+):
     """The runner isolates torch's process-wide state per stage: a stage that changes the thread count (as
     timing with --threads once did in this process) or grad mode leaves the next stage, and the caller, as
     they were. The spy changes them inside a real stage; without the runner's isolation this fails."""
@@ -133,7 +139,7 @@ def test_a_stage_s_thread_count_and_grad_mode_do_not_leak_into_the_next_stage(ru
     object.__setattr__(health, "run", leaky)
     object.__setattr__(export, "run", observe)
     try:
-        assert _all(run_copy.parent, fashion_data_dir, "--only", "health", "export", "--force") == 0
+        assert cli(_all(run_copy.parent, fashion_data_dir, "--only", "health", "export", "--force")).code == 0
     finally:
         object.__setattr__(health, "run", originals[0])
         object.__setattr__(export, "run", originals[1])
@@ -197,21 +203,21 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fashion_da
 
 @pytest.mark.timing
 def test_a_finished_file_whose_record_a_kill_lost_is_reused_and_recorded_again(
-    run_copy, fashion_data_dir, capsys
+    run_copy, fashion_data_dir, cli
 ):
     """The other kill point: after a stage's file was renamed into place but before the runner recorded it.
     The file is whole (atomic writes) and of these settings, so the resumed run keeps it ('ok (cached)'), not
     a second measurement, and records the stage again with its hashes."""
     folder = run_copy / CFG.id
     timing = ["--only", "time", "--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--rounds", "1"]
-    assert _all(run_copy.parent, fashion_data_dir, *timing) == 0
+    assert cli(_all(run_copy.parent, fashion_data_dir, *timing)).code == 0
     latency = (folder / rundir.LATENCY_FILE).read_bytes()
     pipeline = _json(folder / rundir.PIPELINE_FILE)
     del pipeline["time"]
     (folder / rundir.PIPELINE_FILE).write_text(json.dumps(pipeline))
-    capsys.readouterr()
-    assert _all(run_copy.parent, fashion_data_dir, *timing) == 0
-    assert "time: ok (cached)" in capsys.readouterr().out
+    resumed = cli(_all(run_copy.parent, fashion_data_dir, *timing))
+    assert resumed.code == 0
+    assert "time: ok (cached)" in resumed.out
     assert (folder / rundir.LATENCY_FILE).read_bytes() == latency
     assert _recorded(folder, "time")
     assert _json(folder / rundir.PIPELINE_FILE)["time"]["outputs"][rundir.LATENCY_FILE] == rundir.sha256(
@@ -220,7 +226,7 @@ def test_a_finished_file_whose_record_a_kill_lost_is_reused_and_recorded_again(
 
 
 @pytest.mark.timing
-def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_dir):
+def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_dir, cli):
     """A stage's record is written before the next stage starts: while 'time' runs, export is already on disk
     as finished, and the whole record reads 'running' until the last stage is done."""
     folder = run_copy / CFG.id
@@ -237,7 +243,7 @@ def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_
     object.__setattr__(time_stage, "run", spy)
     try:
         args = ["--only", "export", "time", "--force", "--batch-sizes", "1", "--iters", "2", "--rounds", "1"]
-        assert _all(run_copy.parent, fashion_data_dir, *args) == 0
+        assert cli(_all(run_copy.parent, fashion_data_dir, *args)).code == 0
     finally:
         object.__setattr__(time_stage, "run", original)
     assert seen["status"] == "running" and seen["export"]["status"] == "ok" and "time" not in seen
@@ -248,29 +254,31 @@ def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_
 # ---------------------------------------------------------------------------------------- 4. check refuses
 
 
-def test_check_refuses_a_run_with_missing_results(run_copy, tiny_run, capsys):
+def test_check_refuses_a_run_with_missing_results(run_copy, tiny_run, cli):
     (run_copy / CFG.id / rundir.PARITY_FILE).unlink()
-    capsys.readouterr()
-    assert main(["check", str(run_copy), "--baseline", str(tiny_run)]) == 2
-    err = capsys.readouterr().err.strip()
+    check = cli(["check", str(run_copy), "--baseline", str(tiny_run)])
+    assert check.code == 2
+    err = check.err.strip()
     assert f"config {CFG.id} lacks parity.json (the baseline has them)" in err and len(err.splitlines()) == 1
 
 
-def test_check_refuses_a_run_with_a_failed_stage(run_copy, tiny_run, capsys):
+def test_check_refuses_a_run_with_a_failed_stage(run_copy, tiny_run, cli):
     path = run_copy / CFG.id / rundir.PIPELINE_FILE
     pipeline = _json(path)
     pipeline["export"]["status"] = "failed"
     path.write_text(json.dumps(pipeline))
-    capsys.readouterr()
-    assert main(["check", str(run_copy), "--baseline", str(tiny_run)]) == 2
-    assert "stage export failed (pipeline.json)" in capsys.readouterr().err
-    assert main(["check", str(tiny_run), "--baseline", str(tiny_run)]) == 0  # the untouched run passes
+    check = cli(["check", str(run_copy), "--baseline", str(tiny_run)])
+    assert check.code == 2
+    assert "stage export failed (pipeline.json)" in check.err
+    assert cli(["check", str(tiny_run), "--baseline", str(tiny_run)]).code == 0  # the untouched run passes
 
 
 # ------------------------------------------------------------------------------------------------ 5. run.json
 
 
-def test_run_json_is_not_narrowed_and_the_fingerprint_ignores_thread_settings(run_copy, fashion_data_dir):
+def test_run_json_is_not_narrowed_and_the_fingerprint_ignores_thread_settings(
+    run_copy, fashion_data_dir, cli
+):
     run_file = run_copy / rundir.RUN_FILE
     first = _json(run_file)
     assert [c["config_id"] for c in first["configs"]] == [CFG.id]
@@ -278,7 +286,7 @@ def test_run_json_is_not_narrowed_and_the_fingerprint_ignores_thread_settings(ru
     # are the first invocation's.
     deep = get_preset("smoke").configs()[1]
     args = ["all", "--runs-dir", str(run_copy.parent), "--data-dir", str(fashion_data_dir), *TINY]
-    assert main([*args, "--configs", deep.id, "--only", "train", "--no-progress"]) == 0
+    assert cli([*args, "--configs", deep.id, "--only", "train", "--no-progress"]).code == 0
     second = _json(run_file)
     assert {c["config_id"] for c in second["configs"]} == {CFG.id, deep.replace(**_tiny()).id}
     assert second["started"] == first["started"] and second["environment"] == first["environment"]
@@ -299,34 +307,35 @@ def _tiny() -> dict:
 # --------------------------------------------------------------------------------- 6. validation and reading
 
 
-def test_a_corrupt_or_deleted_checkpoint_is_trained_again(run_copy, fashion_data_dir, capsys):
+def test_a_corrupt_or_deleted_checkpoint_is_trained_again(run_copy, fashion_data_dir, cli):
     ckpt = run_copy / CFG.id / rundir.CHECKPOINT_FILE
     good = _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"]
     ckpt.write_bytes(b"garbage")
-    capsys.readouterr()
-    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0
-    assert "train: redoing: checkpoint.pt (which it wrote) changed" in capsys.readouterr().out
+    again = cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "export"))
+    assert again.code == 0
+    assert "train: redoing: checkpoint.pt (which it wrote) changed" in again.out
     assert read_checkpoint(CFG, ckpt)["config_id"] == CFG.id
     assert _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"] == good  # the same training again
     ckpt.unlink()  # what the corrupt-checkpoint message advises
-    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "health", "export") == 0
+    assert cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "health", "export")).code == 0
     assert _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"] == good
 
 
-def test_a_newer_schema_is_refused_and_never_overwritten(run_copy, fashion_data_dir, capsys):
+def test_a_newer_schema_is_refused_and_never_overwritten(run_copy, fashion_data_dir, cli):
     path = run_copy / CFG.id / rundir.METRICS_FILE
     newer = {**_json(path), "schema_version": rundir.SCHEMA_VERSION + 1}
     path.write_text(json.dumps(newer))
     before = path.read_bytes()
-    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "--force") == 2
-    assert "newer than this capsbench understands" in capsys.readouterr().err
+    refused = cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "--force"))
+    assert refused.code == 2
+    assert "newer than this capsbench understands" in refused.err
     assert path.read_bytes() == before
 
 
-def test_a_tampered_label_shows_as_invalid_in_the_report(run_copy):
+def test_a_tampered_label_shows_as_invalid_in_the_report(run_copy, cli):
     path = run_copy / CFG.id / rundir.CONFIG_FILE
     path.write_text(json.dumps({**_json(path), "label": 7}))
-    assert main(["report", str(run_copy)]) == 0
+    assert cli(["report", str(run_copy)]).code == 0
     assert "(invalid label: 7)" in (run_copy / rundir.REPORT_FILE).read_text()
 
 
@@ -361,7 +370,7 @@ def _hold(run_dir: Path, name: str) -> subprocess.Popen:
 
 
 def test_a_config_another_command_is_working_on_is_refused_and_a_killed_holder_does_not_block(
-    run_copy, fashion_data_dir, capsys
+    run_copy, fashion_data_dir, cli
 ):
     holder = _hold(run_copy, CFG.id)
     try:
@@ -374,23 +383,25 @@ def test_a_config_another_command_is_working_on_is_refused_and_a_killed_holder_d
             }
 
         before = results()
-        capsys.readouterr()
-        assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export", "--force") == 2
-        err = capsys.readouterr().err.strip()
+        refused = cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "export", "--force"))
+        assert refused.code == 2
+        err = refused.err.strip()
         assert f"another capsbench is working on config {CFG.id}" in err and f"pid {holder.pid}" in err, err
         assert "Traceback" not in err
         assert results() == before
     finally:
         holder.send_signal(signal.SIGKILL)  # a holder killed without a chance to clean up
         holder.wait()
-    assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0  # the kernel freed it
+    assert (
+        cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "export")).code == 0
+    )  # the kernel freed it
 
 
-def test_work_on_other_configs_of_the_run_goes_on_beside_it(run_copy, fashion_data_dir):
+def test_work_on_other_configs_of_the_run_goes_on_beside_it(run_copy, fashion_data_dir, cli):
     """The sharded workflow of docs/gpu-docker-ray.md: processes on different configs of one run folder."""
     holder = _hold(run_copy, "some-other-config")
     try:
-        assert _all(run_copy.parent, fashion_data_dir, "--only", "train", "export") == 0
+        assert cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "export")).code == 0
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -468,15 +479,15 @@ def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
     assert not (run_copy / CFG.id / rundir.LATENCY_FILE).exists()
 
 
-def test_health_refuses_a_config_json_edited_by_hand_and_creates_nothing(run_copy, fashion_data_dir, capsys):
+def test_health_refuses_a_config_json_edited_by_hand_and_creates_nothing(run_copy, fashion_data_dir, cli):
     path = run_copy / CFG.id / rundir.CONFIG_FILE
     config = _json(path)
     config["config"]["epochs"] += 1
     path.write_text(json.dumps(config))
     before = sorted(p.name for p in run_copy.iterdir())
-    capsys.readouterr()
-    assert main(["health", str(run_copy), "--data-dir", str(fashion_data_dir)]) == 2
-    err = capsys.readouterr().err.strip()
+    health = cli(["health", str(run_copy), "--data-dir", str(fashion_data_dir)])
+    assert health.code == 2
+    err = health.err.strip()
     assert len(err.splitlines()) == 1 and f"not {CFG.id} (the folder it is in)" in err, err
     assert sorted(p.name for p in run_copy.iterdir()) == before
 
@@ -498,22 +509,21 @@ def small_fs(tmp_path):
 
 
 def test_a_full_disk_during_training_is_one_line_and_leaves_nothing_that_looks_finished(
-    small_fs, fashion_data_dir, capsys
+    small_fs, fashion_data_dir, cli
 ):
-    capsys.readouterr()
-    code = main(
+    train = cli(
         ["train", "--runs-dir", str(small_fs), "--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id]
         + [*TINY, "--no-progress"]
     )
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "No space left on device" in err and "Traceback" not in err, err
+    err = train.err.strip()
+    assert train.code == 2 and "No space left on device" in err and "Traceback" not in err, err
     assert len(err.splitlines()) == 1, err
     folder = small_fs / "smoke" / CFG.id
     assert not (folder / rundir.CHECKPOINT_FILE).exists() and not (folder / rundir.METRICS_FILE).exists()
     assert [p.name for p in small_fs.rglob("*.tmp")] == []
 
 
-def test_a_read_only_run_folder_is_one_line_for_report_health_and_all(tmp_path, fashion_data_dir, capsys):
+def test_a_read_only_run_folder_is_one_line_for_report_health_and_all(tmp_path, fashion_data_dir, cli):
     """The checked-in real smoke run on a read-only mount: every command that would write says so in one line
     (exit 2) and changes nothing."""
     src = Path(__file__).parents[1] / "reports" / "data" / "smoke"
@@ -532,9 +542,9 @@ def test_a_read_only_run_folder_is_one_line_for_report_health_and_all(tmp_path, 
             ["all", "--runs-dir", str(mnt), "--only", "report", "--no-progress"],
         ]
         for argv in commands:
-            capsys.readouterr()
-            assert main(argv) == 2, argv
-            err = capsys.readouterr().err.strip()
+            refused = cli(argv)
+            assert refused.code == 2, argv
+            err = refused.err.strip()
             assert "Read-only file system" in err and "Traceback" not in err, (argv, err)
             assert len(err.splitlines()) == 1, (argv, err)
         assert {p: p.read_bytes() for p in (mnt / "smoke").rglob("*") if p.is_file()} == before

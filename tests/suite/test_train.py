@@ -13,7 +13,6 @@ from capsbench.export.latency import cpu_isa
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_model, load_torch
-from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 from capsbench.suite.stages import Context, Settings
 from capsbench.suite.stages import train as train_stage
@@ -113,7 +112,7 @@ def test_auto_compiles_midway_when_it_pays_and_trains_like_eager(tmp_path, fashi
     assert abs(auto["history"][0]["test_acc"] - off["history"][0]["test_acc"]) <= 0.01
 
 
-def test_without_compilers_explicit_compile_is_refused_in_one_line_and_auto_trains_eager(monkeypatch, capsys):
+def test_without_compilers_explicit_compile_is_refused_in_one_line_and_auto_trains_eager(monkeypatch, cli):
     """The container's final stage has no C/C++ compiler: torch.compile would fail at its first call, deep in a
     run. Asked for explicitly it is refused before anything runs; the auto policy records why it stays eager."""
     import shutil
@@ -128,9 +127,9 @@ def test_without_compilers_explicit_compile_is_refused_in_one_line_and_auto_trai
         ["train", "--preset", "smoke", "--compile", "default", "--runs-dir", "/nonexistent"],
         ["time", "--preset", "smoke", "--compile", "--runs-dir", "/nonexistent"],
     ):
-        capsys.readouterr()
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
+        refused = cli(argv)
+        assert refused.code == 2
+        err = refused.err.strip()
         assert "torch.compile needs" in err and len(err.splitlines()) == 1, err
     decision = training.auto_compile([10.0] * 3, steps_left=10_000)  # a saving that would pay many times over
     assert decision["compiled"] is False and "torch.compile needs" in decision["unavailable"]
@@ -195,7 +194,7 @@ def test_an_unknown_precision_is_refused_before_anything_is_written(tmp_path, fa
     assert not any(tmp_path.iterdir())
 
 
-def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_dir):
+def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_dir, cli):
     out = tmp_path / "train_bench.json"
     args = ["bench", "train", "--preset", "smoke", "--backend", "eager", "--steps", "1", "--warmup", "0"]
     args += [
@@ -208,19 +207,19 @@ def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_d
         "--data-dir",
         str(fashion_data_dir),
     ]
-    assert main([*args, "--out", str(out)]) == 0
+    assert cli([*args, "--out", str(out)]).code == 0
     rows = rundir.read_result(out, "train_bench")["rows"]
     assert [r["precision"] for r in rows] == ["fp32", "bf16"]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[0]["final_loss"] != rows[1]["final_loss"]
 
 
-def test_all_trains_in_the_precision_and_compile_policy_it_is_given(tmp_path, fashion_data_dir, capsys):
+def test_all_trains_in_the_precision_and_compile_policy_it_is_given(tmp_path, fashion_data_dir, cli):
     first = next(c for c in get_preset("smoke").configs() if c.model.depth == 0).id
     args = ["all", "--preset", "smoke", "--configs", first, "--only", "train", "--runs-dir", str(tmp_path)]
     args += ["--epochs", "1", "--train-subset", "256", "--eval-subset", "200", "--no-progress"]
     args += ["--data-dir", str(fashion_data_dir)]
-    assert main([*args, "--precision", "bf16", "--train-compile", "off"]) == 0
+    assert cli([*args, "--precision", "bf16", "--train-compile", "off"]).code == 0
     (folder,) = [d for d in (tmp_path / "smoke").iterdir() if (d / rundir.METRICS_FILE).is_file()]
     metrics = rundir.read_result(folder / rundir.METRICS_FILE, "metrics")
     assert metrics["precision"] == "bf16" and metrics["compile"] == {"policy": "off", "compiled": False}

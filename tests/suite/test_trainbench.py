@@ -7,7 +7,6 @@ from torch import nn
 from capsbench.models import build_capsnet
 from capsbench.models.pruning import count_flops
 from capsbench.suite import trainbench
-from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 from capsbench.suite.rundir import read_result
 
@@ -37,11 +36,11 @@ def test_the_benchmarked_step_updates_every_parameter(fashion_data_dir):
     assert any(isinstance(m, nn.Linear) for m in model.decoder.modules())
 
 
-def test_bench_train_cli_writes_a_train_bench_result(tmp_path, fashion_data_dir):
+def test_bench_train_cli_writes_a_train_bench_result(tmp_path, fashion_data_dir, cli):
     out = tmp_path / "train_bench.json"
     args = ["bench", "train", "--preset", "smoke", "--backend", "eager", "--steps", "2", "--warmup", "0"]
-    code = main([*args, "--device", "cpu", "--data-dir", str(fashion_data_dir), "--out", str(out)])
-    assert code == 0
+    bench = cli([*args, "--device", "cpu", "--data-dir", str(fashion_data_dir), "--out", str(out)])
+    assert bench.code == 0
     result = read_result(out, "train_bench")
     assert result["schema_version"] >= 1 and result["gemm"]["gflops_per_s"] > 0
     (row,) = result["rows"]

@@ -6,10 +6,8 @@ import sys
 
 import pytest
 
-from capsbench.suite.cli import main
 
-
-def test_every_command_has_help(capsys):
+def test_every_command_has_help(cli, capsys):
     for argv in (
         ["--help"],
         ["presets", "--help"],
@@ -19,7 +17,7 @@ def test_every_command_has_help(capsys):
         ["data", "fetch", "--help"],
     ):
         with pytest.raises(SystemExit) as exit_info:
-            main(argv)
+            cli(argv)
         assert exit_info.value.code == 0
         assert "usage: capsbench" in capsys.readouterr().out
 

@@ -7,7 +7,7 @@ import pytest
 from capsbench.export.sessions import CPU, EXECUTION_PROVIDERS, PROVIDERS, execution_provider
 from capsbench.models.pruning import CRITERIA
 from capsbench.suite import data, stages
-from capsbench.suite.cli import build_parser, main
+from capsbench.suite.cli import build_parser
 
 
 def _choices(command: str, option: str) -> tuple:
@@ -71,9 +71,9 @@ def test_every_dataset_has_a_parser_and_its_split_files(name):
         ["check", "runs/x", "--baseline", "runs/y", "--accuracy-drop", "-1"],
     ],
 )
-def test_bad_numbers_are_refused_while_parsing_with_one_line(argv, capsys):
+def test_bad_numbers_are_refused_while_parsing_with_one_line(argv, cli, capsys):
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        cli(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"capsbench {argv[0]}: error: argument")

@@ -97,35 +97,33 @@ def test_deep_net_health_reports_every_routed_layer(smoke_run):
         assert len(layer["per_capsule_mean"]) == layer["num_capsules"]
 
 
-def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, capsys):
+def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, cli):
     run_dir, _ = smoke_run
     before = (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns
-    assert (
-        main(
-            [
-                "train",
-                "--preset",
-                "smoke",
-                "--runs-dir",
-                str(run_dir.parent),
-                "--data-dir",
-                str(fashion_data_dir),
-                "--no-progress",
-                "--configs",
-                SHALLOW.id,
-            ]
-        )
-        == 0
+    rerun = cli(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--runs-dir",
+            str(run_dir.parent),
+            "--data-dir",
+            str(fashion_data_dir),
+            "--no-progress",
+            "--configs",
+            SHALLOW.id,
+        ]
     )
+    assert rerun.code == 0
     assert (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns == before  # no training happened
-    out = capsys.readouterr().out
+    out = rerun.out
     assert SHALLOW.id in out and "train: cached" in out, out
 
 
-def test_health_command_remeasures_at_another_threshold(smoke_run, fashion_data_dir):
+def test_health_command_remeasures_at_another_threshold(smoke_run, fashion_data_dir, cli):
     run_dir, _ = smoke_run
     assert (
-        main(
+        cli(
             [
                 "health",
                 str(run_dir),
@@ -136,7 +134,7 @@ def test_health_command_remeasures_at_another_threshold(smoke_run, fashion_data_
                 "--data-dir",
                 str(fashion_data_dir),
             ]
-        )
+        ).code
         == 0
     )
     loose = read_result(run_dir / DEEP.id / "health_t05.json", "health")
@@ -208,7 +206,7 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, fashio
     assert [h["test_acc"] for h in uninterrupted["history"]] == [h["test_acc"] for h in resumed["history"]]
 
 
-def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, capsys):
+def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli):
     real_loss = training.margin_loss
     calls = {"n": 0}
 
@@ -218,7 +216,7 @@ def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
         return loss * float("nan") if calls["n"] == 3 else loss  # the first config blows up at step 3
 
     monkeypatch.setattr(training, "margin_loss", exploding_loss)
-    code = main(
+    train = cli(
         [
             "train",
             "--preset",
@@ -236,20 +234,20 @@ def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
             "--no-progress",
         ]
     )
-    assert code == 1
+    assert train.code == 1
     cfgs = [c.replace(epochs=1, train_subset=600, eval_subset=200) for c in SMOKE]
     first = read_result(tmp_path / "smoke" / cfgs[0].id / "metrics.json", "metrics")
     assert first["status"] == "diverged" and "nan" in first["error"] and "step 3" in first["error"]
     assert read_result(tmp_path / "smoke" / cfgs[1].id / "metrics.json", "metrics")["status"] == "complete"
-    assert "diverged" in capsys.readouterr().out
+    assert "diverged" in train.out
 
 
-def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, capsys):
+def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, cli):
     cfg = SHALLOW.replace(epochs=1, train_subset=300, eval_subset=100)
     folder = tmp_path / "smoke" / cfg.id
     folder.mkdir(parents=True)
     (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    code = main(
+    train = cli(
         [
             "train",
             "--preset",
@@ -269,8 +267,8 @@ def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, cap
             "--no-progress",
         ]
     )
-    err = capsys.readouterr().err
-    assert code == 2
+    err = train.err
+    assert train.code == 2
     assert "checkpoint.pt: corrupt or unreadable checkpoint" in err and "--force" in err
     assert err.count("\n") == 1
 
@@ -286,27 +284,30 @@ def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, cap
         (["health", "/nonexistent/run"], "no trained configs here"),
     ],
 )
-def test_bad_input_gives_a_clear_error_and_exit_2(argv, message, capsys):
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+def test_bad_input_gives_a_clear_error_and_exit_2(argv, message, cli):
+    refused = cli(argv)
+    assert refused.code == 2
+    assert message in refused.err
 
 
-def test_progress_in_a_log_is_one_labelled_line_per_epoch(tmp_path, fashion_data_dir, capfd):
+def test_progress_in_a_log_is_one_labelled_line_per_epoch(tmp_path, fashion_data_dir, capfd, cli):
     """Training and fine-tuning with progress on, stderr captured (not a terminal): no carriage-return bar
     updates, one line per epoch, each naming its stage."""
     deep = next(c for c in get_preset("smoke").configs() if c.model.depth >= 3)
     cfg = deep.replace(train_subset=500, eval_subset=200, epochs=1)
     common = ["--preset", "smoke", "--configs", cfg.id, "--runs-dir", str(tmp_path), "--data-dir"]
     common += [str(fashion_data_dir), "--train-subset", "500", "--eval-subset", "200", "--epochs", "1"]
-    assert main(["train", *common]) == 0
-    out, err = capfd.readouterr()
+    train = cli(["train", *common])
+    assert train.code == 0
+    out, err = train.out, train.err
     assert "\r" not in err and len(err.splitlines()) <= 2, err[-2000:]
     epoch_lines = [line for line in out.splitlines() if "epoch 1/1" in line]
     assert len(epoch_lines) == 1 and epoch_lines[0].split()[:2] == ["train", cfg.id], out
 
     prune = ["--backbone", "0.25", "--caps", "0.25", "--score-images", "128", "--finetune-epochs", "2"]
-    assert main(["prune", *common, *prune]) == 0
-    out, err = capfd.readouterr()
+    pruned = cli(["prune", *common, *prune])
+    assert pruned.code == 0
+    out, err = pruned.out, pruned.err
     assert "\r" not in err and len(err.splitlines()) <= 2, err[-2000:]
     epoch_lines = [line for line in out.splitlines() if " epoch " in line]
     assert [line.split()[:4] for line in epoch_lines] == [

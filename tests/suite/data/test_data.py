@@ -3,7 +3,6 @@ and the download path against a loopback HTTP server serving small files in the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -22,9 +21,8 @@ import scipy.io
 import torch
 
 from capsbench.suite import data
-from capsbench.suite.cli import data as cli_data
 from capsbench.suite.data import download, verify
-from capsbench.suite.errors import CapsbenchError, ChecksumError, ConfigError, DatasetError
+from capsbench.suite.errors import ChecksumError, ConfigError, DatasetError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_debian_fashion = pytest.mark.skipif(
@@ -524,60 +522,45 @@ def test_svhn_partial_is_incomplete(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _cli(argv: list[str]) -> int:
-    """Run `capsbench ARGV` through main(), or through a parser holding only `data` while the other
-    subcommand modules are unfinished."""
-    try:
-        from capsbench.suite.cli import build_parser, main
-
-        build_parser()
-    except Exception:
-        parser = argparse.ArgumentParser(prog="capsbench")
-        cli_data.register(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        try:
-            return int(args.func(args) or 0)
-        except CapsbenchError as e:
-            print(f"capsbench: error: {e}", file=__import__("sys").stderr)
-            return e.exit_code
-    return main(argv)
-
-
-def test_cli_list_empty(tmp_path, capsys):
-    assert _cli(["data", "list", "--data-dir", str(tmp_path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def test_cli_list_empty(tmp_path, cli):
+    listed = cli(["data", "list", "--data-dir", str(tmp_path)])
+    assert listed.code == 0
+    lines = listed.out.splitlines()
     assert lines[0].split() == ["dataset", "status", "path"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert rows == {name: ["missing", str(tmp_path / name)] for name in data.DATASETS}
 
 
 @needs_debian_fashion
-def test_cli_fetch_then_list(tmp_path, capsys):
-    assert _cli(["data", "fetch", "fashion-mnist", "--data-dir", str(tmp_path), "--quiet"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.split() == ["fashion-mnist", "verified", str(tmp_path / "fashion-mnist")]
-    assert captured.err == ""
-    assert _cli(["data", "list", "--data-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert f"fashion-mnist  verified    {tmp_path / 'fashion-mnist'}" in out
+def test_cli_fetch_then_list(tmp_path, cli):
+    fetched = cli(["data", "fetch", "fashion-mnist", "--data-dir", str(tmp_path), "--quiet"])
+    assert fetched.code == 0
+    assert fetched.out.split() == ["fashion-mnist", "verified", str(tmp_path / "fashion-mnist")]
+    assert fetched.err == ""
+    listed = cli(["data", "list", "--data-dir", str(tmp_path)])
+    assert listed.code == 0
+    assert f"fashion-mnist  verified    {tmp_path / 'fashion-mnist'}" in listed.out
 
 
-def test_cli_list_shows_problems(tmp_path, capsys, monkeypatch):
+def test_cli_list_shows_problems(tmp_path, cli, monkeypatch):
     contents = _synthetic_idx()
     _patch_spec(monkeypatch, "fashion-mnist", contents)
     (tmp_path / "fashion-mnist").mkdir()
     (tmp_path / "fashion-mnist" / "train-labels-idx1-ubyte").write_bytes(b"junk")
-    assert _cli(["data", "list", "--data-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    listed = cli(["data", "list", "--data-dir", str(tmp_path)])
+    assert listed.code == 0
+    out = listed.out
     assert "fashion-mnist  corrupt" in out and "train-labels-idx1-ubyte: corrupt" in out
     assert "t10k-images-idx3-ubyte: missing" in out
 
 
-def test_cli_fetch_errors(tmp_path, capsys, server, monkeypatch):
-    assert _cli(["data", "fetch", "imagenet", "--data-dir", str(tmp_path)]) == 2
-    assert "unknown dataset 'imagenet'" in capsys.readouterr().err
-    assert _cli(["data", "fetch", "--data-dir", str(tmp_path)]) == 2
-    assert "--all" in capsys.readouterr().err
+def test_cli_fetch_errors(tmp_path, cli, server, monkeypatch):
+    unknown = cli(["data", "fetch", "imagenet", "--data-dir", str(tmp_path)])
+    assert unknown.code == 2
+    assert "unknown dataset 'imagenet'" in unknown.err
+    nothing = cli(["data", "fetch", "--data-dir", str(tmp_path)])
+    assert nothing.code == 2
+    assert "--all" in nothing.err
 
     # Two datasets whose mirror lacks the files: both are tried, both failures are reported.
     args = [
@@ -591,20 +574,18 @@ def test_cli_fetch_errors(tmp_path, capsys, server, monkeypatch):
         "--base-url",
         server.url,
     ]
-    assert _cli(args) == 2
-    captured = capsys.readouterr()
+    captured = cli(args)
+    assert captured.code == 2
     assert captured.out.split() == ["cifar10", "FAILED", "svhn", "FAILED"]
     assert "2 of 2 datasets could not be fetched" in captured.err
     assert str(tmp_path / "cifar10" / "cifar-10-python.tar.gz") in captured.err
     assert str(tmp_path / "svhn" / "train_32x32.mat") in captured.err
 
 
-def test_cli_help_describes_commands(capsys):
-    parser = argparse.ArgumentParser(prog="capsbench")
-    cli_data.register(parser.add_subparsers(dest="command", required=True))
+def test_cli_help_describes_commands(cli, capsys):
     for argv in (["data", "--help"], ["data", "fetch", "--help"], ["data", "list", "--help"]):
         with pytest.raises(SystemExit) as exit_:
-            parser.parse_args(argv)
+            cli(argv)
         assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "checksum" in out and "--all" in out and "--data-dir" in out and "corrupt" in out

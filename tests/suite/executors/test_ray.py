@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 
 TINY = ["--epochs", "1", "--train-subset", "300", "--eval-subset", "100", "--prune", "0.25,0.25"]
@@ -256,11 +255,11 @@ def test_ray_failing_config_is_recorded_and_the_others_finish(ray_cluster, tmp_p
     assert f"capsbench: error: {CONFIGS[0].id} train:" in done.stderr
 
 
-def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    code = main(["all", "--preset", "smoke", "--runs-dir", str(tmp_path), "--executor", "ray"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
+    refused = cli(["all", "--preset", "smoke", "--runs-dir", str(tmp_path), "--executor", "ray"])
+    err = refused.err
+    assert refused.code == 2 and err.count("\n") == 1
     assert "pip install 'capsbench[ray]'" in err
     assert not (tmp_path / "smoke").exists()  # nothing ran
 

@@ -4,7 +4,6 @@ loadable pruned net, prune.json and health_pruned.json, skips finished settings,
 import pytest
 
 from capsbench.suite import train as training
-from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 from capsbench.suite.rundir import (
     HEALTH_PRUNED_FILE,
@@ -19,7 +18,8 @@ OVERRIDES = {"train_subset": 2000, "eval_subset": 250, "epochs": 1}
 DEEP = next(c for c in get_preset("smoke").configs() if c.model.depth >= 3).replace(**OVERRIDES)
 
 
-def _cli(runs, data_dir, *extra: str) -> list[str]:
+def _prune(runs, data_dir, *extra: str) -> list[str]:
+    """`capsbench prune` of the deep smoke config as `trained` trained it."""
     return [
         "prune",
         "--preset",
@@ -51,10 +51,11 @@ def trained(tmp_path_factory, fashion_data_dir):
     return runs, out
 
 
-def test_prune_writes_a_smaller_loadable_net_its_plan_and_its_health(trained, fashion_data_dir, capsys):
+def test_prune_writes_a_smaller_loadable_net_its_plan_and_its_health(trained, fashion_data_dir, cli):
     runs, out = trained
     settings = ["--backbone", "0.5", "--caps", "0.25", "--score-images", "128"]
-    assert main(_cli(runs, fashion_data_dir, *settings, "--finetune-epochs", "1")) == 0
+    first = cli(_prune(runs, fashion_data_dir, *settings, "--finetune-epochs", "1"))
+    assert first.code == 0
     sub = out / prune_dir_name("chip", 0.5, 0.25)
     result = read_result(sub / PRUNE_FILE, "prune")
     assert result["status"] == "complete" and result["config_id"] == DEEP.id
@@ -74,21 +75,22 @@ def test_prune_writes_a_smaller_loadable_net_its_plan_and_its_health(trained, fa
     health = read_result(sub / HEALTH_PRUNED_FILE, "health")
     # the capsule ratio reaches the intermediate layers too: int(8 * 0.25) = 2 of each go
     assert [layer["num_capsules"] for layer in health["layers"]] == [6 * 36, 6, 6, 6, 10]
-    assert DEEP.id in capsys.readouterr().out
+    assert DEEP.id in first.out
 
     # a finished setting is skipped on rerun
     before = (sub / PRUNE_FILE).stat().st_mtime_ns
-    assert main(_cli(runs, fashion_data_dir, *settings, "--finetune-epochs", "1")) == 0
+    assert cli(_prune(runs, fashion_data_dir, *settings, "--finetune-epochs", "1")).code == 0
     assert (sub / PRUNE_FILE).stat().st_mtime_ns == before
     # other fine-tuning settings for the same folder need --force
-    assert main(_cli(runs, fashion_data_dir, *settings, "--finetune-epochs", "2")) == 2
-    assert "--force" in capsys.readouterr().err
+    refused = cli(_prune(runs, fashion_data_dir, *settings, "--finetune-epochs", "2"))
+    assert refused.code == 2
+    assert "--force" in refused.err
 
 
-def test_sweep_keeps_every_ratio_and_ratio_zero_keeps_accuracy(trained, fashion_data_dir):
+def test_sweep_keeps_every_ratio_and_ratio_zero_keeps_accuracy(trained, fashion_data_dir, cli):
     runs, out = trained
     args = ["--sweep", "0,0.5", "--criterion", "chip-mean", "--finetune-epochs", "0"]
-    assert main(_cli(runs, fashion_data_dir, *args)) == 0
+    assert cli(_prune(runs, fashion_data_dir, *args)).code == 0
     rows = read_result(out / "prune_sweep_chip-mean.json", "prune_sweep")["rows"]
     assert [(r["backbone_ratio"], r["caps_ratio"]) for r in rows] == [(0.0, 0.0), (0.5, 0.5)]
     zero, half = rows
@@ -98,6 +100,7 @@ def test_sweep_keeps_every_ratio_and_ratio_zero_keeps_accuracy(trained, fashion_
     assert (out / prune_dir_name("chip-mean", 0.5, 0.5) / PRUNED_FILE).is_file()
 
 
-def test_prune_refuses_an_untrained_config_and_says_to_train_first(tmp_path, fashion_data_dir, capsys):
-    assert main(_cli(tmp_path, fashion_data_dir)) == 2
-    assert "run 'capsbench train --preset smoke' first" in capsys.readouterr().err
+def test_prune_refuses_an_untrained_config_and_says_to_train_first(tmp_path, fashion_data_dir, cli):
+    refused = cli(_prune(tmp_path, fashion_data_dir))
+    assert refused.code == 2
+    assert "run 'capsbench train --preset smoke' first" in refused.err
