@@ -9,7 +9,19 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-VERDICTS = ("held", "did not hold", "inconclusive", "not testable")
+from capsbench.results import StrEnum
+
+
+class Verdict(StrEnum):
+    """A claim's verdict in one stratum (verdicts.json's `verdict`; RULE says how each is reached)."""
+
+    HELD = "held"
+    DID_NOT_HOLD = "did not hold"
+    INCONCLUSIVE = "inconclusive"
+    NOT_TESTABLE = "not testable"
+
+
+VERDICTS = tuple(Verdict)
 MIN_NON_TIED = (
     6  # paired units whose difference is not 0: fewer cannot reach p < 0.05 in a two-sided sign test
 )

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ __all__ = [
     "BASE",
     "CHECKPOINT_FILE",
     "COMPARED",
+    "CheckStatus",
     "CONFIG_FILE",
     "ERROR_FILE",
     "EXPORT_FILE",
@@ -42,6 +45,7 @@ __all__ = [
     "ONNX_FILE",
     "PARITY_FILE",
     "PIPELINE_FILE",
+    "PipelineStatus",
     "PRUNED_FILE",
     "PRECHECK_FILE",
     "PRUNE_FILE",
@@ -50,12 +54,17 @@ __all__ = [
     "REPORT_FILE",
     "RUN_FILE",
     "ResultError",
+    "RowStatus",
     "SCHEMA_VERSION",
     "STAGE_FILES",
+    "Status",
+    "StageStatus",
+    "StrEnum",
     "SURGERY_FILE",
     "SWEEP_FILE",
     "SWEEP_GLOB",
     "TREND_FILE",
+    "UNGATED",
     "StageFiles",
     "VARIANT_FILES",
     "VERDICTS_FILE",
@@ -165,6 +174,69 @@ STAGE_FILES: dict[str, StageFiles] = {
 # a comparison would silently skip them.
 COMPARED = (METRICS_FILE, HEALTH_FILE, PARITY_FILE, LATENCY_FILE, LATENCY_CPP_FILE)
 VARIANT_FILES = _VARIANT_OUTPUTS
+
+
+# ------------------------------------------------------------------------------------------- statuses
+# Every `status` word a result file (or `check`'s JSON) holds, one enum per vocabulary. A member is a str equal to
+# its value: json.dumps writes the value, str() and f-strings give it, and `==` / `in` against a string read from
+# an older file hold, so the files read and write exactly as before. Never rename a value: old run folders hold it.
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10: the same behaviour as 3.11's enum.StrEnum for what this project does with it
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Status(StrEnum):
+    """The `status` of a stage's result file: metrics.json and finetune_metrics.json (train, fine-tuning),
+    prune.json, latency.json, latency_cpp.json. Only `complete` counts as a result."""
+
+    COMPLETE = "complete"
+    DIVERGED = "diverged"  # metrics.json: the loss diverged (suite/train.py write_failure)
+    PARITY_FAILED = "parity failed"  # latency_cpp.json: the C++ runner's outputs differ from PyTorch's
+
+
+class PipelineStatus(StrEnum):
+    """pipeline.json's `status`: a config's stages as they stand."""
+
+    COMPLETE = "complete"
+    RUNNING = "running"  # written between two stages of one command
+    FAILED = "failed"  # a stage's record says failed
+
+
+class StageStatus(StrEnum):
+    """One stage's record in pipeline.json (and a Ray worker's record in it)."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class RowStatus(StrEnum):
+    """A measured row: a timing row of latency.json / latency_cpp.json, a training-step row of `bench train`.
+    A row without a status is ok (timed by older code)."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
+class CheckStatus(StrEnum):
+    """One metric's outcome in `check` (against a baseline run or the history, its --json) and on the trend
+    page. Only `regressed` fails a check; UNGATED ones are reported, not gated."""
+
+    OK = "ok"
+    REGRESSED = "regressed"
+    NOISY = "noisy"  # the interval crosses the tolerance: noise too large to gate
+    UNSTABLE = "unstable"  # a measurement marked unstable
+    NOT_GATED = "not_gated"  # e.g. no raw samples (timed by older code), or timed off the device asked for
+    DISTURBED = "disturbed"  # the machine probe moved: the machine did not run at one speed
+    INFO = "info"  # shown, never gated (the machine probe; absolute p50 without --gate-absolute)
+    NO_HISTORY = "no_history"  # nothing comparable to judge against yet
+
+
+UNGATED = (CheckStatus.UNSTABLE, CheckStatus.NOT_GATED, CheckStatus.NOISY, CheckStatus.DISTURBED)
 
 
 class ResultError(CapsbenchError):
@@ -304,4 +376,4 @@ def is_trained(out_dir: Path, metrics: str = METRICS_FILE, checkpoint: str | Non
     if checkpoint is None and metrics == METRICS_FILE:
         checkpoint = CHECKPOINT_FILE
     ckpt_ok = checkpoint is None or (Path(out_dir) / checkpoint).is_file()
-    return done is not None and done.get("status") == "complete" and ckpt_ok
+    return done is not None and done.get("status") == Status.COMPLETE and ckpt_ok

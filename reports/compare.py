@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from capsbench.reports.load import eager_p50, load_run
+from capsbench.results import UNGATED, CheckStatus, RowStatus, Status
 
 CONFIDENCE = 0.95
 BOOTSTRAP = 2000  # resamples per interval
@@ -112,22 +113,22 @@ def latency_gate(
     if any(r.get("placement_ok") is False for r, *_ in terms):
         problem = next(r.get("placement_problem") for r, *_ in terms if r.get("placement_ok") is False)
         return {
-            "status": "not_gated",
+            "status": CheckStatus.NOT_GATED,
             "noise": f"ONNX Runtime ran partly off its device ({problem}), not gated",
         }
     if any(r.get("stable") is False for r, *_ in terms):
-        return {"status": "unstable", "noise": "unstable measurement, not gated"}
+        return {"status": CheckStatus.UNSTABLE, "noise": "unstable measurement, not gated"}
     if not all(r.get("samples_ms") for r, *_ in terms):
-        return {"status": "not_gated", "noise": "no raw samples (timed by older code), not gated"}
+        return {"status": CheckStatus.NOT_GATED, "noise": "no raw samples (timed by older code), not gated"}
     ratio, low, high = ratio_interval([(rounds_of(r), *rest) for r, *rest in terms])
     bound = 1 - tolerance if higher_is_better else 1 + tolerance
     beyond = (high < bound, low < bound) if higher_is_better else (low > bound, high > bound)
-    status = "regressed" if beyond[0] else "noisy" if beyond[1] else "ok"
+    status = CheckStatus.REGRESSED if beyond[0] else CheckStatus.NOISY if beyond[1] else CheckStatus.OK
     rounds = min(len(rounds_of(r)) for r, *_ in terms)
     noise = (
         f"{int(CONFIDENCE * 100)}% interval of current/baseline [{low:.3f}, {high:.3f}], {rounds} round(s)"
     )
-    if status == "noisy":
+    if status == CheckStatus.NOISY:
         noise = f"noise too large to gate at {tolerance:.0%}: {noise} crosses {bound:.2f}"
     return {"status": status, "ratio": round(ratio, 4), "ci": [round(low, 4), round(high, 4)], "noise": noise}
 
@@ -164,7 +165,7 @@ def _rows(c: dict) -> dict[tuple, dict]:
     return {
         (r.get("variant"), r["backend"], r["batch"]): r
         for r in (c.get("latency") or {}).get("rows", [])
-        if r.get("status", "ok") == "ok" and r.get("p50_ms")
+        if r.get("status", RowStatus.OK) == RowStatus.OK and r.get("p50_ms")
     }
 
 
@@ -195,7 +196,7 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
                 "baseline": baseline,
                 "current": current,
                 "tolerance": tolerance,
-                "status": "regressed" if regressed else "ok",
+                "status": CheckStatus.REGRESSED if regressed else CheckStatus.OK,
                 **extra,  # a latency gate's own status ('unstable', 'not_gated') overrides
             }
         )
@@ -203,10 +204,11 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
     def gate(
         cid: str, metric: str, baseline: float, current: float, tolerance: str, verdict: dict, label: str
     ):
-        if disturbed is not None and verdict["status"] in ("ok", "regressed", "noisy", "info"):
+        gated = (CheckStatus.OK, CheckStatus.REGRESSED, CheckStatus.NOISY, CheckStatus.INFO)
+        if disturbed is not None and verdict["status"] in gated:
             verdict = {
                 **verdict,
-                "status": "disturbed",
+                "status": CheckStatus.DISTURBED,
                 "noise": f"{disturbed}, not gated; {verdict['noise']}",
             }
         check(cid, metric, round(baseline, 4), round(current, 4), False, tolerance, gate=label, **verdict)
@@ -222,8 +224,8 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
             tol.machine_shift,
         )
         cm, bm = c.get("metrics") or {}, b.get("metrics") or {}
-        if bm.get("status") == "complete":
-            ok = cm.get("status") == "complete"
+        if bm.get("status") == Status.COMPLETE:
+            ok = cm.get("status") == Status.COMPLETE
             ca, ba = cm.get("test_accuracy"), bm["test_accuracy"]
             check(
                 c["id"],
@@ -277,8 +279,9 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
                 verdict = latency_gate(
                     [(cr[key], 1), (br[key], -1)], tol.latency_rise, higher_is_better=False
                 )
-                if not tol.gate_absolute and verdict["status"] in ("ok", "regressed", "noisy"):
-                    verdict["status"] = "info"
+                judged = (CheckStatus.OK, CheckStatus.REGRESSED, CheckStatus.NOISY)
+                if not tol.gate_absolute and verdict["status"] in judged:
+                    verdict["status"] = CheckStatus.INFO
                 gate(
                     c["id"],
                     f"p50_ms[{_key(key)}]",
@@ -306,7 +309,7 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
                     "fraction of the GEMM rate measured in the same run",
                 )
     missing = sorted(set(base_by_id) - {c["id"] for c in cur["configs"]})
-    regressions = [ch for ch in checks if ch["status"] == "regressed"]
+    regressions = [ch for ch in checks if ch["status"] == CheckStatus.REGRESSED]
     return {
         "run": str(run_dir),
         "baseline": str(baseline_dir),
@@ -315,7 +318,7 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
         "confidence": CONFIDENCE,
         "checks": checks,
         "regressions": regressions,
-        "not_gated": [ch for ch in checks if ch["status"] in ("unstable", "not_gated", "noisy", "disturbed")],
+        "not_gated": [ch for ch in checks if ch["status"] in UNGATED],
         "missing_configs": missing,
         "ok": not regressions and not missing,
     }

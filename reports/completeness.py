@@ -26,7 +26,9 @@ def _problems_of_run(run_dir: Path) -> list[str]:
     problems = []
     for cid, folder in R.config_dirs(run_dir).items():
         pipeline = read_json(folder / R.PIPELINE_FILE, "pipeline") or {}
-        failed = [k for k, v in pipeline.items() if isinstance(v, dict) and v.get("status") == "failed"]
+        failed = [
+            k for k, v in pipeline.items() if isinstance(v, dict) and v.get("status") == R.StageStatus.FAILED
+        ]
         if failed:
             problems.append(f"{run_dir}: config {cid}: stage {', '.join(failed)} failed (pipeline.json)")
         for export in [folder / R.EXPORT_FILE, *sorted(folder.glob(R.in_pruned(R.EXPORT_FILE)))]:

@@ -71,7 +71,7 @@ def validate(path: Path, data: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     kind = data.get("kind")
     accuracy = lambda v: _finite(v, 0.0, 1.0)  # noqa: E731
-    if kind == "metrics" and data.get("status") == "complete":
+    if kind == "metrics" and data.get("status") == R.Status.COMPLETE:
         for field in ("test_accuracy", "best_test_accuracy"):
             _check(path, data, field, accuracy, "an accuracy in [0, 1]")
         if "test_accuracy" not in data:
@@ -86,7 +86,7 @@ def validate(path: Path, data: dict[str, Any] | None) -> dict[str, Any] | None:
                     _refuse(path, f"layers[{i}].{field}", layer[field], "a count of capsules")
     elif kind == "parity":
         _check(path, data, "passed", lambda v: isinstance(v, bool), "true or false")
-    elif kind == "prune" and data.get("status") == "complete":
+    elif kind == "prune" and data.get("status") == R.Status.COMPLETE:
         acc = ((data.get("summary") or {}).get("test_accuracy")) or {}
         if not isinstance(acc, dict):
             _refuse(path, "summary.test_accuracy", acc, "an object")
@@ -100,7 +100,7 @@ def validate(path: Path, data: dict[str, Any] | None) -> dict[str, Any] | None:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 _refuse(path, f"rows[{i}]", row, "an object")
-            if row.get("status", "ok") != "ok":
+            if row.get("status", R.RowStatus.OK) != R.RowStatus.OK:
                 continue
             where = f"rows[{i}] ({row.get('variant')}/{row.get('backend')}/{row.get('batch')})"
             for field in ("p50_ms", "min_ms"):

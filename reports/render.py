@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from capsbench import results as R
-from capsbench.claims import CLAIMS, RULE, VERDICTS, mean_inactive_fraction
+from capsbench.claims import CLAIMS, RULE, VERDICTS, Verdict, mean_inactive_fraction
 from capsbench.files import atomic_write
 from capsbench.reports import charts
 from capsbench.reports.charts import PALETTE, Panel, Series
@@ -75,7 +75,7 @@ def _delta_pct(before: float | None, after: float | None) -> str:
 
 def _acc(c: dict) -> float | None:
     m = c["metrics"]
-    return m.get("test_accuracy") if m and m.get("status") == "complete" else None
+    return m.get("test_accuracy") if m and m.get("status") == R.Status.COMPLETE else None
 
 
 def _shape(c: dict) -> str:
@@ -98,7 +98,7 @@ def _prune_variant(p: dict) -> str:
 
 
 def _done_prunes(c: dict) -> list[dict]:
-    return [p for p in c["prunes"] if p.get("status") == "complete"]
+    return [p for p in c["prunes"] if p.get("status") == R.Status.COMPLETE]
 
 
 def _main_prune(c: dict) -> dict | None:
@@ -170,6 +170,15 @@ def header(run: dict, configs: list[dict]) -> dict:
     }
 
 
+class Cell(R.StrEnum):
+    """A stage's cell in the report's pipeline table (also its CSS class; "not run" shows as n/a)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    NOT_RUN = "not run"  # never run for this config (e.g. a preset that times only its first configs)
+    MISSING = "missing"  # run, but a file it always leaves is not there
+
+
 def stage_status(run: dict, configs: list[dict]) -> list[dict]:
     """Per config: each requested stage ok / failed (with its error) / missing files, from pipeline.json."""
     stages = run["run"].get("stages") or list(CONFIG_STAGES)
@@ -183,15 +192,15 @@ def stage_status(run: dict, configs: list[dict]) -> list[dict]:
                 continue
             rec = record.get(stage) or {}
             missing = [f for f in R.STAGE_FILES[stage].required if not list(folder.glob(f))]
-            if rec.get("status") == "failed":
-                cells.append({"stage": stage, "status": "failed", "detail": rec.get("error", "")})
+            if rec.get("status") == R.StageStatus.FAILED:
+                cells.append({"stage": stage, "status": Cell.FAILED, "detail": rec.get("error", "")})
             elif missing and record and not rec:
                 # Never run for this config (e.g. a preset that times only its first configs): not a loss.
-                cells.append({"stage": stage, "status": "not run", "detail": ""})
+                cells.append({"stage": stage, "status": Cell.NOT_RUN, "detail": ""})
             elif missing:
-                cells.append({"stage": stage, "status": "missing", "detail": ", ".join(missing)})
+                cells.append({"stage": stage, "status": Cell.MISSING, "detail": ", ".join(missing)})
             else:
-                cells.append({"stage": stage, "status": "ok", "detail": ""})
+                cells.append({"stage": stage, "status": Cell.OK, "detail": ""})
         rows.append(
             {
                 "id": c["id"],
@@ -711,7 +720,7 @@ def _claim_row(claim, v: dict | None = None, **fallback) -> dict:
         "stratum": v.get("stratum") or fallback.get("stratum", "-"),
         "verdict": v.get("verdict")
         if v.get("verdict") in VERDICTS
-        else fallback.get("verdict", "inconclusive"),
+        else fallback.get("verdict", Verdict.INCONCLUSIVE),
         "test": v.get("test") or fallback.get("test", "-"),
         "n": v.get("n"),
         "non_tied": v.get("non_tied"),
@@ -764,7 +773,7 @@ def claims(run: dict, configs: list[dict]) -> list[dict]:
         out.append(
             _claim_row(
                 claim,
-                verdict="inconclusive" if testable else "not testable",
+                verdict=Verdict.INCONCLUSIVE if testable else Verdict.NOT_TESTABLE,
                 test="none: no verdicts.json in this run (run the verdicts stage)",
                 note=why,
             )

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from capsbench.results import CheckStatus
+
 HISTORY_SCHEMA = 1  # the store's layout; a store of a newer one is refused
 APPLICATION_ID = 0x43415053  # "CAPS": SQLite's application_id of a capsbench history
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -261,7 +263,7 @@ def judge(history, current: float, kind: str, tolerance: float, rounds=None) -> 
     spec = KINDS[kind]
     if len(history) < MIN_RUNS:
         return {
-            "status": "no_history",
+            "status": CheckStatus.NO_HISTORY,
             "noise": f"{len(history)} comparable run(s) in the history, {MIN_RUNS} needed",
         }
     h = transform(history, spec["scale"])
@@ -282,11 +284,17 @@ def judge(history, current: float, kind: str, tolerance: float, rounds=None) -> 
         d = worse * (c - ref)  # > 0: worse
         z = d / sigma if sigma > 0 else (math.inf if d > 0 else 0.0)
         beyond = d > limit + 1e-12
-        status = "regressed" if beyond and z > Z_LIMIT else "noisy" if beyond else "ok"
+        status = (
+            CheckStatus.REGRESSED
+            if beyond and z > Z_LIMIT
+            else CheckStatus.NOISY
+            if beyond
+            else CheckStatus.OK
+        )
         change = math.exp(c - ref) - 1 if spec["scale"] == "log" else c - ref
         back = math.exp(ref) if spec["scale"] == "log" else ref
         results.append({"status": status, "reference": name, "ref": back, "change": change, "z": worse * z})
-    rank = {"regressed": 2, "noisy": 1, "ok": 0}
+    rank = {CheckStatus.REGRESSED: 2, CheckStatus.NOISY: 1, CheckStatus.OK: 0}
     top = max(results, key=lambda r: (rank[r["status"]], abs(r["z"])))
     unit = "%" if spec["scale"] == "log" else ""
     sig = f"{100 * (math.exp(sigma) - 1):.1f}%" if spec["scale"] == "log" else f"{sigma:.4g}"
@@ -295,7 +303,7 @@ def judge(history, current: float, kind: str, tolerance: float, rounds=None) -> 
         f"robust z {top['z']:+.1f} (limit {Z_LIMIT:g}) against the {top['reference']} {top['ref']:.4g} "
         f"({change}), noise {sig} from {len(h)} runs" + (" and this run's rounds" if own else "")
     )
-    if top["status"] == "noisy":
+    if top["status"] == CheckStatus.NOISY:
         noise = f"history too noisy to gate: {noise}"
     return {
         "status": top["status"],

@@ -215,8 +215,12 @@ def _datasets(data_dir: str | Path | None) -> dict[str, Any]:
     rows = data.status(data_dir)
     return {
         "data_dir": str(data.resolve_data_dir(data_dir)),
-        "present": [r["name"] for r in rows if r["state"] == "verified"],
-        "problems": {r["name"]: r["state"] for r in rows if r["state"] not in ("verified", "missing")},
+        "present": [r["name"] for r in rows if r["state"] == data.DatasetState.VERIFIED],
+        "problems": {
+            r["name"]: r["state"]
+            for r in rows
+            if r["state"] not in (data.DatasetState.VERIFIED, data.DatasetState.MISSING)
+        },
     }
 
 

@@ -48,6 +48,7 @@ from capsbench.reports.trend import (
     read_series,
     worse_sign,
 )
+from capsbench.results import UNGATED, CheckStatus, RowStatus, Status
 from capsbench.suite.errors import CapsbenchError
 
 DEFAULT_WINDOW = 20
@@ -129,7 +130,7 @@ def metrics_of(run: dict) -> list[dict]:
     for c in run["configs"]:
         cid = c["id"]
         m = c.get("metrics") or {}
-        if m.get("status") == "complete" and m.get("test_accuracy") is not None:
+        if m.get("status") == Status.COMPLETE and m.get("test_accuracy") is not None:
             out.append(_metric(cid, "test_accuracy", "accuracy", m["test_accuracy"]))
         h = c.get("health") or {}
         if h.get("routed_inactive") is not None:
@@ -143,7 +144,7 @@ def metrics_of(run: dict) -> list[dict]:
         rows = {
             (r.get("variant"), r["backend"], r["batch"]): r
             for r in lat.get("rows", [])
-            if r.get("status", "ok") == "ok" and r.get("p50_ms")
+            if r.get("status", RowStatus.OK) == RowStatus.OK and r.get("p50_ms")
         }
         for (v, backend, batch), r in rows.items():
             key = f"{v}/{backend}/{batch}"
@@ -482,7 +483,7 @@ def check_history(run_dir: Path, history: Path, tol: HistoryTolerances | None = 
         if kind == "parity":
             ok = m["value"] == 1.0
             checks.append({**base, "baseline": True, "current": ok, "tolerance": "must pass",
-                           "status": "ok" if ok else "regressed"})  # fmt: skip
+                           "status": CheckStatus.OK if ok else CheckStatus.REGRESSED})  # fmt: skip
             continue
         sign = "-" if KINDS[kind]["higher_is_better"] else "+"
         tol_text = f"{sign}{tolerance:.0%}" if KINDS[kind]["scale"] == "log" else f"{sign}{tolerance:g}"
@@ -493,7 +494,8 @@ def check_history(run_dir: Path, history: Path, tol: HistoryTolerances | None = 
             gate = "the machine probe: the speed the machine ran at (context, not gated)"
         if m["stable"] is False and kind != "probe":  # the probe is context: reported as info either way
             off = str(m["reason"]).startswith(OFF_DEVICE)
-            checks.append({**base, "tolerance": tol_text, "status": "not_gated" if off else "unstable", "gate": gate,
+            checks.append({**base, "tolerance": tol_text,
+                           "status": CheckStatus.NOT_GATED if off else CheckStatus.UNSTABLE, "gate": gate,
                            "noise": f"{m['reason']}, not gated" if off else
                            f"unstable measurement, not gated ({m['reason']})"})  # fmt: skip
             continue
@@ -501,12 +503,17 @@ def check_history(run_dir: Path, history: Path, tol: HistoryTolerances | None = 
         if latency:
             why = _disturbed(probes.get(cid) or {}, series.get((preset, mid, cid, "machine_probe.gflops_per_s")),
                              own, tol.window, limit)  # fmt: skip
+            judged = (CheckStatus.OK, CheckStatus.REGRESSED, CheckStatus.NOISY)
             if kind == "probe":
-                verdict = {**verdict, "status": "info"}
-            elif why and verdict["status"] in ("ok", "regressed", "noisy", "no_history"):
-                verdict = {**verdict, "status": "disturbed", "noise": f"{why}, not gated; {verdict['noise']}"}
-            if kind == "p50" and not tol.gate_absolute and verdict["status"] in ("ok", "regressed", "noisy"):
-                verdict = {**verdict, "status": "info"}
+                verdict = {**verdict, "status": CheckStatus.INFO}
+            elif why and verdict["status"] in (*judged, CheckStatus.NO_HISTORY):
+                verdict = {
+                    **verdict,
+                    "status": CheckStatus.DISTURBED,
+                    "noise": f"{why}, not gated; {verdict['noise']}",
+                }
+            if kind == "p50" and not tol.gate_absolute and verdict["status"] in judged:
+                verdict = {**verdict, "status": CheckStatus.INFO}
                 gate += ", absolute p50: not gated (--gate-absolute)"
         cps = _recent_change(values + [m["value"]], usable, kind, tol.window)
         if cps:
@@ -515,7 +522,7 @@ def check_history(run_dir: Path, history: Path, tol: HistoryTolerances | None = 
     seen = {m["config"] for m in record["metrics"]}
     last = _last_configs(history, preset, mid, record["run_key"]) if history.exists() else set()
     missing = sorted(last - seen)
-    regressions = [c for c in checks if c["status"] == "regressed"]
+    regressions = [c for c in checks if c["status"] == CheckStatus.REGRESSED]
     return {
         "run": str(run_dir),
         "history": str(history),
@@ -526,8 +533,8 @@ def check_history(run_dir: Path, history: Path, tol: HistoryTolerances | None = 
         "tolerances": tol.__dict__,
         "checks": checks,
         "regressions": regressions,
-        "not_gated": [c for c in checks if c["status"] in ("unstable", "not_gated", "noisy", "disturbed")],
-        "no_history": sorted({c["config"] for c in checks if c["status"] == "no_history"}),
+        "not_gated": [c for c in checks if c["status"] in UNGATED],
+        "no_history": sorted({c["config"] for c in checks if c["status"] == CheckStatus.NO_HISTORY}),
         "missing_configs": missing,
         "ok": not regressions and not missing,
     }
@@ -607,7 +614,7 @@ def _last_configs(history: Path, preset: str, mid: str, run_key: str) -> set[str
 def latency_flagged(result: dict) -> list[str]:
     """The configs with a latency figure judged REGRESSED (what a confirming rerun re-times)."""
     return sorted(
-        {c["config"] for c in result["checks"] if c["status"] == "regressed" and "[" in c["metric"]}
+        {c["config"] for c in result["checks"] if c["status"] == CheckStatus.REGRESSED and "[" in c["metric"]}
     )
 
 
@@ -668,22 +675,26 @@ def confirm(
     rerun = {(c["config"], c["metric"]): c for c in again["checks"]}
     confirmed, withdrawn, checks = [], [], []
     for c in result["checks"]:
-        if c["status"] == "regressed" and c["config"] in flagged and "[" in c["metric"]:
+        if c["status"] == CheckStatus.REGRESSED and c["config"] in flagged and "[" in c["metric"]:
             r = rerun.get((c["config"], c["metric"]))
-            if r is not None and r["status"] == "regressed":
+            if r is not None and r["status"] == CheckStatus.REGRESSED:
                 c = {**c, "noise": f"{c['noise']}; confirmed by a rerun ({r['current']})"}
                 confirmed.append(f"{c['config']} {c['metric']}")
             else:
                 shown = "missing" if r is None else f"{r['status']}, {r['current']}"
-                c = {**c, "status": "noisy", "noise": f"not confirmed by a rerun ({shown}); {c['noise']}"}
+                c = {
+                    **c,
+                    "status": CheckStatus.NOISY,
+                    "noise": f"not confirmed by a rerun ({shown}); {c['noise']}",
+                }
                 withdrawn.append(f"{c['config']} {c['metric']}")
         checks.append(c)
-    regressions = [c for c in checks if c["status"] == "regressed"]
+    regressions = [c for c in checks if c["status"] == CheckStatus.REGRESSED]
     return {
         **result,
         "checks": checks,
         "regressions": regressions,
-        "not_gated": [c for c in checks if c["status"] in ("unstable", "not_gated", "noisy", "disturbed")],
+        "not_gated": [c for c in checks if c["status"] in UNGATED],
         "ok": not regressions and not result["missing_configs"],
         "confirm": {"retimed": flagged, "confirmed": confirmed, "withdrawn": withdrawn},
     }

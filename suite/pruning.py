@@ -17,6 +17,7 @@ import torch
 from capsbench.models import CapsNet, build_capsnet
 from capsbench.models.health import capsule_health, init_health
 from capsbench.models.pruning import count_flops, graft_capsule_layers, prune_capsnet, score_capsnet
+from capsbench.results import Status
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_torch, save_torch
@@ -244,7 +245,7 @@ def prune_config(
     result = {
         "config_id": cfg.id,
         "label": cfg.label,
-        "status": "complete",
+        "status": Status.COMPLETE,
         # None for the pruning under test; the report names a control's rows and series after it.
         "control": control,
         "procedure": settings["procedure"],

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsbench.results import PipelineStatus, StageStatus
 from capsbench.suite import rundir, stages
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CapsbenchError, os_error_message
@@ -122,7 +123,7 @@ def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) 
             _remove_intermediate(stage, ctx.out)
     except Exception as e:  # the error boundary: any failure of a stage is this config's, not the run's
         record[stage.name] = {
-            "status": "failed",
+            "status": StageStatus.FAILED,
             "error": message_of(e),
             "error_type": type(e).__name__,
             "seconds": round(time.perf_counter() - t0, 2),
@@ -131,13 +132,13 @@ def _run_stage(stage: Stage, ctx: Context, record: dict, tracebacks: list[str]) 
         ctx.log(f"    {stage.name}: FAILED: {message_of(e)}")
         return False, e
     before = record.get(stage.name)
-    if up_to_date and isinstance(before, dict) and before.get("status") == "ok":
+    if up_to_date and isinstance(before, dict) and before.get("status") == StageStatus.OK:
         # Resume keeps history: the stage's original record (its seconds) stays, marked cached.
         record[stage.name] = {**before, **entry, "up_to_date": True, "cached": True}
         ctx.log(f"    {stage.name}: cached")
         return True, result
     record[stage.name] = {
-        "status": "ok",
+        "status": StageStatus.OK,
         "up_to_date": up_to_date,  # nothing was left to do: the stage's results were already there
         "seconds": round(time.perf_counter() - t0, 2),
         **({"redone_because": stale} if stale else {}),
@@ -212,12 +213,14 @@ def _run_config_locked(cfg, names, run_dir, settings, data_dir, log, shared, spl
     tracebacks: list[str] = []
     outcome = Outcome(record)
 
-    def save(status: str | None = None) -> list[str]:
+    def save(status: PipelineStatus = PipelineStatus.COMPLETE) -> list[str]:
         """pipeline.json as it stands: written after every stage, so a stage's record is on disk before the
         next stage starts and a run killed anywhere after it resumes it as cached (a kill between a stage's
         files and this record finds the files, complete since every write is atomic, and records them anew)."""
-        failed = [k for k, v in record.items() if isinstance(v, dict) and v.get("status") == "failed"]
-        record["status"] = "failed" if failed else (status or "complete")
+        failed = [
+            k for k, v in record.items() if isinstance(v, dict) and v.get("status") == StageStatus.FAILED
+        ]
+        record["status"] = PipelineStatus.FAILED if failed else status
         if out.is_dir() or any(s.gate for s in selected):
             write_json(out / PIPELINE_FILE, "pipeline", record)
         return failed
@@ -231,7 +234,7 @@ def _run_config_locked(cfg, names, run_dir, settings, data_dir, log, shared, spl
         if not ok and stage.gate:
             break  # every later stage reads what this one writes
         if stage is not selected[-1]:
-            save("running")
+            save(PipelineStatus.RUNNING)
     failed = save()
     if tracebacks:
         rundir.atomic_write(out / ERROR_FILE, lambda f, t=tracebacks: f.write("\n".join(t)))

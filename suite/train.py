@@ -20,6 +20,7 @@ from capsbench.models import CapsNet, build_capsnet, margin_loss, reconstruction
 from capsbench.models.health import capsule_health
 from capsbench.models.losses import ccm_loss
 from capsbench.models.pruning import FeatureMaps, backbone_blocks
+from capsbench.results import Status
 from capsbench.suite import data as datasets
 from capsbench.suite.checkpoints import load_model, model_from_state, read_checkpoint, save_torch
 from capsbench.suite.env import environment, pick_device
@@ -350,7 +351,7 @@ def train(
     metrics = {
         "config_id": cfg.id,
         "label": cfg.label,
-        "status": "complete",
+        "status": Status.COMPLETE,
         "epochs": epochs,
         "test_accuracy": history[-1]["test_acc"],
         "best_test_accuracy": max(h["test_acc"] for h in history),
@@ -389,7 +390,7 @@ def auto_compile(eager_step_times: list[float], steps_left: int) -> dict:
 
 
 def write_failure(
-    out_dir: Path, cfg: RunConfig, status: str, error: str, files: StageFiles = TRAIN_FILES
+    out_dir: Path, cfg: RunConfig, status: Status, error: str, files: StageFiles = TRAIN_FILES
 ) -> dict:
     """Record a config that could not finish, so the run goes on and the report can say why."""
     metrics = {"config_id": cfg.id, "label": cfg.label, "status": status, "error": error}

@@ -20,6 +20,7 @@ from torch import nn
 from capsbench.export.latency import _tf32_knobs, fp32_torch, gemm_gflops
 from capsbench.models import CapsNet, build_capsnet, margin_loss, reconstruction_loss
 from capsbench.models.pruning import flop_breakdown
+from capsbench.results import RowStatus
 from capsbench.suite import data as datasets
 from capsbench.suite.env import environment
 from capsbench.suite.presets import RunConfig, get_preset
@@ -155,14 +156,19 @@ def bench_config(
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model, mode=compile_mode) if backend == "compiled" else model
-    row: dict[str, Any] = {"backend": backend, "precision": precision, "batch": len(x), "status": "ok"}
+    row: dict[str, Any] = {
+        "backend": backend,
+        "precision": precision,
+        "batch": len(x),
+        "status": RowStatus.OK,
+    }
     row["memory_format"] = "channels_last" if channels_last else "contiguous"
     if backend == "compiled":
         row["compile_mode"] = compile_mode or "default"
     try:
         row.update(time_steps(make_step(model, cfg, forward, precision), x, y, device, warmup, steps))
     except Exception as e:  # noqa: BLE001 - a failing backend is a row, not the end of the sweep
-        return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"}
+        return {**row, "status": RowStatus.ERROR, "error": f"{type(e).__name__}: {e}"}
     row["images_per_s"] = len(x) / row["step_s_p50"]
     # The first step's excess over a steady one: tracing and code generation (eager: allocator warm-up only).
     row["compile_s"] = max(row["first_step_s"] - row["step_s_p50"], 0.0)
@@ -232,7 +238,7 @@ def _train_bench(
             row = {"preset": preset, "config_id": cfg.id, "label": cfg.label, **row}
             row["forward_macs_per_image"] = macs
             row["train_gflop_per_image"] = gflop
-            if row["status"] == "ok":
+            if row["status"] == RowStatus.OK:
                 row["gflops_per_s"] = row["images_per_s"] * gflop
                 say(
                     f"  {preset:<8} {backend:<9} {precision:<5} {row['images_per_s']:8.1f} img/s "
@@ -251,7 +257,7 @@ def _train_bench(
         "gflops_per_s_after": gemm_after["gflops_per_s"],
     }
     for row in rows:
-        if row["status"] == "ok":
+        if row["status"] == RowStatus.OK:
             row["gemm_fraction"] = row["gflops_per_s"] / gemm["gflops_per_s"]
     result = {
         "device": str(device),
@@ -278,7 +284,7 @@ def format_train_bench(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         head = f"{r['preset']:<8} {r['backend']:<9} {r.get('precision', 'fp32'):<5} {r['batch']:>5} {r['train_gflop_per_image']:>10.3f}"
-        if r["status"] != "ok":
+        if r["status"] != RowStatus.OK:
             lines.append(f"{head} error: {r['error']}")
             continue
         compile_s = f"{r['compile_s']:>10.1f}" if r["backend"] == "compiled" else f"{'-':>10}"

@@ -27,10 +27,12 @@ from capsbench.claims import (
     MIN_NON_TIED,
     RULE,
     Claim,
+    Verdict,
     mean_inactive_fraction,
     routed_fractions,
 )
 from capsbench.models.config import LEGACY_VALUES
+from capsbench.results import Status
 
 RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
@@ -82,14 +84,14 @@ def holm(p_values: list[float | None]) -> list[float | None]:
     return out
 
 
-def decide(claim: Claim, interval: list[float], p_holm: float | None) -> str:
+def decide(claim: Claim, interval: list[float], p_holm: float | None) -> Verdict:
     """held / did not hold / inconclusive for a testable stratum (see claims.RULE)."""
     lo, hi = interval
     if p_holm is not None and p_holm < ALPHA and (lo > 0 if claim.direction > 0 else hi < 0):
-        return "held"
+        return Verdict.HELD
     if (hi < 0 if claim.direction > 0 else lo > 0) or (-claim.margin < lo and hi < claim.margin):
-        return "did not hold"
-    return "inconclusive"
+        return Verdict.DID_NOT_HOLD
+    return Verdict.INCONCLUSIVE
 
 
 @dataclass
@@ -124,7 +126,7 @@ class Stratum:
 
 def _accuracy(c: dict) -> float | None:
     m = c.get("metrics") or {}
-    return m.get("test_accuracy") if m.get("status") == "complete" else None
+    return m.get("test_accuracy") if m.get("status") == Status.COMPLETE else None
 
 
 def _depth(c: dict) -> int:
@@ -167,7 +169,7 @@ def _key(c: dict, drop: tuple[str, ...], counts_only: bool = False) -> str:
 
 
 def _done(c: dict) -> list[dict]:
-    return [p for p in c.get("prunes", []) if p.get("status") == "complete"]
+    return [p for p in c.get("prunes", []) if p.get("status") == Status.COMPLETE]
 
 
 def _control(c: dict, name: str, pruned: dict) -> dict | None:
@@ -342,7 +344,7 @@ def _pruning(configs: list[dict], claim: Claim) -> list[Stratum]:
 def _entry(s: Stratum, p_holm: float | None) -> dict:
     claim, why = s.claim, s.why_not_testable()
     interval = None if why or not s.diffs else bca_interval(s.diffs)
-    verdict = "not testable" if why or interval is None else decide(claim, interval, p_holm)
+    verdict = Verdict.NOT_TESTABLE if why or interval is None else decide(claim, interval, p_holm)
     return {
         "claim": claim.key,
         "source": claim.source,

@@ -112,3 +112,30 @@ def test_result_files_that_are_not_utf8_objects_are_refused_cleanly(tmp_path, co
     with pytest.raises(ResultError, match=message):
         rundir.read_result(path, "metrics")
     assert rundir.read_if_valid(path, "metrics") is None
+
+
+def test_statuses_are_the_strings_old_files_hold():
+    """Each status vocabulary is a str enum whose members are the words in the files: written, they are those
+    words byte for byte; read back (plain strings, or from files written before the enums), they compare equal."""
+    from capsbench.claims import VERDICTS, Verdict
+
+    payload = {
+        "status": rundir.Status.PARITY_FAILED,
+        "rows": [{"status": rundir.RowStatus.ERROR}],
+        rundir.CheckStatus.NO_HISTORY: [
+            rundir.PipelineStatus.RUNNING,
+            rundir.StageStatus.OK,
+            Verdict.DID_NOT_HOLD,
+        ],
+    }
+    text = json.dumps(payload)
+    assert text == (
+        '{"status": "parity failed", "rows": [{"status": "error"}], '
+        '"no_history": ["running", "ok", "did not hold"]}'
+    )
+    back = json.loads(text)
+    assert back["status"] == rundir.Status.PARITY_FAILED
+    assert back["rows"][0]["status"] == rundir.RowStatus.ERROR
+    assert f"{rundir.Status.COMPLETE}|{rundir.CheckStatus.NOT_GATED:<10}|" == "complete|not_gated |"
+    assert str(Verdict.HELD) == "held" and {rundir.StageStatus.FAILED: 1}["failed"] == 1
+    assert VERDICTS == ("held", "did not hold", "inconclusive", "not testable")

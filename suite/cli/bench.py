@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from capsbench.results import RowStatus
 from capsbench.suite.cli import options
 from capsbench.suite.env import pick_device
 from capsbench.suite.presets import PRESETS
@@ -104,4 +105,4 @@ def run(args) -> int:
     )
     print(format_train_bench(result))
     print(f"results: {args.out}")
-    return 0 if all(r["status"] == "ok" for r in result["rows"]) else 1
+    return 0 if all(r["status"] == RowStatus.OK for r in result["rows"]) else 1

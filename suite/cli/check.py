@@ -18,6 +18,7 @@ from capsbench.files import atomic_write
 from capsbench.reports.compare import Tolerances, compare_runs
 from capsbench.reports.completeness import completeness_problems
 from capsbench.reports.load import ReportError
+from capsbench.results import CheckStatus
 from capsbench.suite.cli.options import add_data_dir, nonnegative_float, nonnegative_int, positive_int
 from capsbench.suite.errors import CapsbenchError
 
@@ -115,14 +116,14 @@ def register(sub) -> None:
 
 
 LABELS = {
-    "regressed": "REGRESSED",
-    "unstable": "UNSTABLE",
-    "not_gated": "NOT GATED",
-    "noisy": "NOISY",
-    "disturbed": "DISTURBED",
-    "info": "info",
-    "no_history": "no history yet",
-    "ok": "ok",
+    CheckStatus.REGRESSED: "REGRESSED",
+    CheckStatus.UNSTABLE: "UNSTABLE",
+    CheckStatus.NOT_GATED: "NOT GATED",
+    CheckStatus.NOISY: "NOISY",
+    CheckStatus.DISTURBED: "DISTURBED",
+    CheckStatus.INFO: "info",
+    CheckStatus.NO_HISTORY: "no history yet",
+    CheckStatus.OK: "ok",
 }
 
 
@@ -174,7 +175,8 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         out.append(f"### capsbench check against {title}: {verdict}\n")
         counts = Counter(LABELS.get(ch["status"], ch["status"]) for ch in result["checks"])
         out.append(" · ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + "\n")
-        shown = [ch for ch in result["checks"] if ch["status"] not in ("ok", "info", "no_history")]
+        quiet = (CheckStatus.OK, CheckStatus.INFO, CheckStatus.NO_HISTORY)
+        shown = [ch for ch in result["checks"] if ch["status"] not in quiet]
         if shown:
             out.append("| verdict | config | metric | reference | current | tolerance | noise |")
             out.append("|---|---|---|---|---|---|---|")

@@ -105,7 +105,7 @@ def run_list(args: argparse.Namespace) -> int:
     print(f"{'dataset':<{width}}  {'status':<10}  path")
     for r in rows:
         print(f"{r['name']:<{width}}  {r['state']:<10}  {r['path']}")
-        if r["state"] in ("corrupt", "incomplete"):
+        if r["state"] in (data.DatasetState.CORRUPT, data.DatasetState.INCOMPLETE):
             for file, problem in r["problems"].items():
                 print(f"{'':<{width}}    {file}: {problem}")
     return 0

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from capsbench.results import RowStatus, StageStatus, Status
 from capsbench.suite import rundir
 
 # (key, header over two lines, width, align): the table's columns in order; the label is last and unpadded.
@@ -65,7 +66,7 @@ def _latency_cells(latency: dict | None, variant: str) -> dict[str, Any]:
         return {"batch": None, "ort_p50_ms": None, "speedup": None, "timing": None}
     batch = min(r["batch"] for r in ort)
     row = next(r for r in ort if r["batch"] == batch)
-    p50 = row.get("p50_ms") if row.get("status", "ok") == "ok" else None
+    p50 = row.get("p50_ms") if row.get("status", RowStatus.OK) == RowStatus.OK else None
     speedup = row.get("speedup_vs_torch_eager") if p50 else None
     if p50 and speedup is None:
         eager = next(
@@ -77,7 +78,7 @@ def _latency_cells(latency: dict | None, variant: str) -> dict[str, Any]:
             None,
         )
         speedup = eager["p50_ms"] / p50 if eager else None
-    if row.get("status", "ok") != "ok":
+    if row.get("status", RowStatus.OK) != RowStatus.OK:
         timing = str(row["status"])
     elif row.get("stable") is None:
         timing = None
@@ -110,8 +111,10 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
         metrics = rundir.read_if_valid(out / rundir.METRICS_FILE, "metrics") or {}
         latency = rundir.read_if_valid(out / rundir.LATENCY_FILE, "latency")
         status = pipeline.get("status") or metrics.get("status") or "missing"
-        failed = [k for k, v in pipeline.items() if isinstance(v, dict) and v.get("status") == "failed"]
-        if metrics.get("status") not in (None, "complete"):  # e.g. diverged: the train stage's own word
+        failed = [
+            k for k, v in pipeline.items() if isinstance(v, dict) and v.get("status") == StageStatus.FAILED
+        ]
+        if metrics.get("status") not in (None, Status.COMPLETE):  # e.g. diverged: the train stage's own word
             status, failed = metrics["status"], failed or ["train"]
         common = {
             "config_id": cfg_id,
@@ -124,7 +127,9 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
                 **common,
                 "model": "trained",
                 "variant": rundir.BASE.name,
-                "accuracy": metrics.get("test_accuracy") if metrics.get("status") == "complete" else None,
+                "accuracy": metrics.get("test_accuracy")
+                if metrics.get("status") == Status.COMPLETE
+                else None,
                 **_health_cells(rundir.read_if_valid(out / rundir.HEALTH_FILE, "health")),
                 **_latency_cells(latency, rundir.BASE.name),
             }

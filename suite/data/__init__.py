@@ -17,7 +17,7 @@ from capsbench.suite.data.registry import (
     get_spec,
     resolve_data_dir,
 )
-from capsbench.suite.data.verify import status, verify_file
+from capsbench.suite.data.verify import DatasetState, status, verify_file
 
 __all__ = [
     "DATASETS",
@@ -25,6 +25,7 @@ __all__ = [
     "FORMATS",
     "SPLITS",
     "DatasetSpec",
+    "DatasetState",
     "FileSpec",
     "default_data_dir",
     "fetch",

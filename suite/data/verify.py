@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from capsbench.results import StrEnum
 from capsbench.suite.data.registry import (
     _CHUNK,
     _GZIP_MAGIC,
@@ -103,6 +104,15 @@ def verify_file(folder: Path, spec: DatasetSpec, f: FileSpec) -> Path:
 # ---------------------------------------------------------------------------------------------- status
 
 
+class DatasetState(StrEnum):
+    """A dataset's `state` in a data folder (`data list`, `doctor`)."""
+
+    VERIFIED = "verified"  # every file there and matching its checksum
+    MISSING = "missing"  # no file there
+    INCOMPLETE = "incomplete"  # some files missing, the rest fine
+    CORRUPT = "corrupt"  # a file fails its checksum
+
+
 def status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Per dataset: name, path, present, verified, state and the files with problems.
 
@@ -128,13 +138,13 @@ def status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
                 corrupt = True
         present = n_present == len(spec.files)
         if not problems:
-            state = "verified"
+            state = DatasetState.VERIFIED
         elif corrupt:
-            state = "corrupt"
+            state = DatasetState.CORRUPT
         elif n_present == 0:
-            state = "missing"
+            state = DatasetState.MISSING
         else:
-            state = "incomplete"
+            state = DatasetState.INCOMPLETE
         rows.append(
             {
                 "name": spec.name,

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from capsbench.results import PipelineStatus, StageStatus
 from capsbench.suite.errors import CapsbenchError
 
 INSTALL_HINT = "--executor ray needs Ray, which is not installed: pip install 'capsbench[ray]'"
@@ -185,8 +186,12 @@ def _lost(run_one, cfg, error: BaseException):
         "label": cfg.label,
         **{k: v for k, v in record.items() if isinstance(v, dict)},
     }
-    record["worker"] = {"status": "failed", "error": message_of(error), "error_type": type(error).__name__}
-    record["status"] = "failed"
+    record["worker"] = {
+        "status": StageStatus.FAILED,
+        "error": message_of(error),
+        "error_type": type(error).__name__,
+    }
+    record["status"] = PipelineStatus.FAILED
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_json(out / rundir.PIPELINE_FILE, "pipeline", record)
     rundir.atomic_write(out / rundir.ERROR_FILE, lambda f: f.write(f"worker:\n{error}\n"))

@@ -125,7 +125,7 @@ def refuse_newer_results(out: Path, patterns: tuple[str, ...]) -> None:
 def stale_reasons(stage: Stage, out: Path, recorded: dict | None) -> list[str]:
     """Why a stage's recorded work no longer holds: files it read or wrote that changed or went since then.
     Files that are new since then are the stage's own done() to judge (e.g. another pruning folder)."""
-    if not recorded or recorded.get("status") != "ok":
+    if not recorded or recorded.get("status") != results.StageStatus.OK:
         return []
     reasons = []
     for part, verb in (("inputs", "read"), ("outputs", "wrote")):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from capsbench.export import ExportError, ParityError, export_onnx, parity
+from capsbench.results import StrEnum
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_model
@@ -24,6 +25,16 @@ def not_trained_message(cfg: RunConfig, out_dir: Path) -> str:
         f"{cfg.id}: not trained yet (no finished training in {out_dir}); "
         f"run 'capsbench train' for this config first (e.g. --configs {cfg.id})"
     )
+
+
+class ExportStatus(StrEnum):
+    """A variant's row of the export stage (what `capsbench export` prints): done and exported are fine."""
+
+    DONE = "done"  # exported and checked before, for this checkpoint
+    EXPORTED = "exported"
+    PARITY_FAILED = "parity failed"
+    EXPORT_FAILED = "export failed"
+    NOT_TRAINED = "not trained"
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -57,7 +68,7 @@ def export_config(
     """
     out = Path(out_dir)
     if not rundir.is_trained(out):
-        head = {"config_id": cfg.id, "label": cfg.label, "status": "not trained"}
+        head = {"config_id": cfg.id, "label": cfg.label, "status": ExportStatus.NOT_TRAINED}
         return [{**head, "error": not_trained_message(cfg, out)}]
     rows = []
     for v in present_variants(out):
@@ -65,7 +76,7 @@ def export_config(
         ckpt_sha = sha256(out / v.checkpoint)
         if not force and _export_done(out, v, ckpt_sha):
             info, par = read_result(out / v.export, "export"), read_result(out / v.parity, "parity")
-            rows.append({**row, "status": "done", **_summary(info, par)})
+            rows.append({**row, "status": ExportStatus.DONE, **_summary(info, par)})
             continue
         try:
             model = load_model(cfg, out / v.checkpoint)
@@ -76,15 +87,15 @@ def export_config(
             write_json(out / v.export, "export", info)
             try:
                 par = parity(out / v.onnx, model, images)
-                status = "exported"
+                status = ExportStatus.EXPORTED
             except ParityError as e:
                 par = {**getattr(e, "result", {}), "passed": False, "error": str(e)}
-                status = "parity failed"
+                status = ExportStatus.PARITY_FAILED
             par.update(config_id=cfg.id, variant=v.name, checkpoint_sha256=ckpt_sha)
             write_json(out / v.parity, "parity", par)
             rows.append({**row, "status": status, **_summary(info, par)})
         except ExportError as e:
-            rows.append({**row, "status": "export failed", "error": str(e)})
+            rows.append({**row, "status": ExportStatus.EXPORT_FAILED, "error": str(e)})
     return rows
 
 
@@ -146,7 +157,7 @@ def run(ctx: Context) -> list[dict]:
     rows = export_config(
         ctx.cfg, ctx.out, ctx.splits, force=s.force, opset=s.opset, num_parity_images=s.parity_images
     )
-    bad = [r for r in rows if r["status"] not in ("done", "exported")]
+    bad = [r for r in rows if r["status"] not in (ExportStatus.DONE, ExportStatus.EXPORTED)]
     if bad:
         raise ExportError("; ".join(f"{r.get('variant')}: {r['status']}: {r.get('error', '')}" for r in bad))
     return rows

@@ -3,6 +3,7 @@ fresh training, the net's health at initialisation as training sees it (batch st
 
 from __future__ import annotations
 
+from capsbench.results import Status
 from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.errors import DivergenceError
@@ -48,7 +49,7 @@ def run(ctx: Context) -> dict:
             precision=ctx.settings.precision,
         )
     except DivergenceError as e:
-        training.write_failure(ctx.out, ctx.cfg, "diverged", str(e))
+        training.write_failure(ctx.out, ctx.cfg, Status.DIVERGED, str(e))
         raise
 
 
