@@ -24,7 +24,7 @@ from capsbench.results import Status
 from capsbench.suite import data as datasets
 from capsbench.suite.checkpoints import load_model, model_from_state, read_checkpoint, save_torch
 from capsbench.suite.env import environment, pick_device
-from capsbench.suite.errors import CheckpointError, DivergenceError
+from capsbench.suite.errors import CheckpointError, ConfigError, DivergenceError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.rundir import (
     CHECKPOINT_FILE,
@@ -46,8 +46,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 def autocast(device: torch.device, precision: str):
     """The mixed-precision context of a training forward and loss: autocast for bf16, nothing for fp32."""
     if precision not in PRECISIONS:
-        from capsbench.suite.errors import ConfigError
-
         raise ConfigError(f"unknown training precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -65,6 +63,9 @@ AUTO_COMPILE_COST_S = 60.0  # seconds of a first compile, at most
 AUTO_COMPILE_MARGIN = 2.0  # compile only when the estimated saving is this many compile costs
 AUTO_TIMED_STEPS = 3  # eager steps timed after the first one (which warms the allocator)
 COMPILE_MODES = ("auto", "default", "max-autotune", "reduce-overhead")
+# torch.compile for training, one encoding from the command line (--compile) through the settings to train():
+# "off" trains eager, "auto" compiles when it pays, a torch.compile mode always compiles with that mode.
+COMPILE_CHOICES = ("off", *COMPILE_MODES)
 
 
 def compile_pays(steps_left: int, eager_step_s: float) -> bool:
@@ -72,8 +73,13 @@ def compile_pays(steps_left: int, eager_step_s: float) -> bool:
     return steps_left * eager_step_s * AUTO_COMPILE_SAVING > AUTO_COMPILE_MARGIN * AUTO_COMPILE_COST_S
 
 
-def compiled(model: CapsNet, compile_mode: str | None) -> Callable:
-    return torch.compile(model, mode=None if compile_mode in (None, "default", "auto") else compile_mode)
+def compiled(model: CapsNet, compile_mode: str) -> Callable:
+    return torch.compile(model, mode=None if compile_mode in ("default", "auto") else compile_mode)
+
+
+def recorded_compile_mode(compile_mode: str) -> str | None:
+    """`compile_mode` as the checkpoint and metrics.json record it: null for eager, as they always have."""
+    return None if compile_mode == "off" else compile_mode
 
 
 def emulated_bf16(device: torch.device, precision: str) -> bool:
@@ -114,8 +120,6 @@ def load_splits(cfg: RunConfig, data_dir: str | Path | None = None) -> Splits:
     test_x, test_y = datasets.load_split(cfg.dataset, "test", data_dir)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     if tuple(train_x.shape[1:]) != shape:
-        from capsbench.suite.errors import ConfigError
-
         raise ConfigError(
             f"dataset {cfg.dataset} has images of shape {tuple(train_x.shape[1:])} but the model expects {shape}; "
             "set in_channels/image_size to match"
@@ -168,7 +172,7 @@ def train(
     epochs: int | None = None,
     files: StageFiles = TRAIN_FILES,
     label: str = "train",
-    compile_mode: str | None = None,
+    compile_mode: str = "off",
     precision: str = "fp32",
 ) -> dict:
     """Train (or resume, or skip when finished) one config; returns the metrics written to `files.metrics`.
@@ -178,9 +182,9 @@ def train(
     `label` names the stage in the progress output ("train", "finetune", ...). The progress bar is drawn only
     when stderr is a terminal; in a log file the output is one line per epoch.
 
-    `compile_mode`: a torch.compile mode ("default", "max-autotune", or on CUDA "reduce-overhead" for CUDA graphs)
-    for the training forward (and, through AOTAutograd, its backward); None trains eager; "auto" (the CLI's
-    default) times the first AUTO_TIMED_STEPS + 1 steps eager and compiles for the rest of this run only when
+    `compile_mode` (one of COMPILE_CHOICES): a torch.compile mode ("default", "max-autotune", or on CUDA
+    "reduce-overhead" for CUDA graphs) for the training forward (and, through AOTAutograd, its backward); "off"
+    trains eager; "auto" (the CLI's default) times the first AUTO_TIMED_STEPS + 1 steps eager and compiles for the rest of this run only when
     `compile_pays`: on 2 CPU threads a first compile (tens of seconds per net) outweighs its gain on the smoke
     and depth nets and pays off many times on the quick and sabour ones (see `capsbench bench train`). The
     decision and its figures are recorded in the metrics ("compile"). The checkpoint holds the eager module's
@@ -196,6 +200,10 @@ def train(
     epochs = cfg.epochs if epochs is None else epochs
     ckpt_path = out_dir / files.checkpoint
     autocast(device, precision)  # an unknown precision fails here, before anything is removed or written
+    if compile_mode not in COMPILE_CHOICES:
+        raise ConfigError(
+            f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_CHOICES)}"
+        )
     if not force and is_trained(out_dir, files.metrics, files.checkpoint):
         done = read_result(out_dir / files.metrics, "metrics")
         if trained_precision(done) == precision:
@@ -230,12 +238,8 @@ def train(
     elif model is None:
         model = build_capsnet(cfg.model)
     model = model.to(device)
-    forward = model if compile_mode in (None, "auto") else compiled(model, compile_mode)
-    decision = (
-        None
-        if compile_mode == "auto"
-        else {"policy": compile_mode or "off", "compiled": forward is not model}
-    )
+    forward = model if compile_mode in ("off", "auto") else compiled(model, compile_mode)
+    decision = None if compile_mode == "auto" else {"policy": compile_mode, "compiled": forward is not model}
     step_times: list[float] = []
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
@@ -332,7 +336,7 @@ def train(
                 "model_config": model.cfg.to_dict(),
                 "epoch": epoch,
                 "precision": precision,
-                "compile_mode": compile_mode,
+                "compile_mode": recorded_compile_mode(compile_mode),
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -361,7 +365,7 @@ def train(
         "resumed_from_epoch": resumed_from,
         "precision": precision,
         "bf16_emulated": emulated_bf16(device, precision),
-        "compile_mode": compile_mode,
+        "compile_mode": recorded_compile_mode(compile_mode),
         "compile": decision,
         "wall_seconds_this_run": time.perf_counter() - t_start,
         "train_seconds_total": sum(h["train_seconds"] for h in history),

@@ -133,8 +133,8 @@ def run(args) -> int:
         args,
         prune=preset.prune,
         time=options.time_settings(args),
-        baseline=args.baseline,
-        **options.training_settings(args),
+        report=stages.ReportSettings(baseline=args.baseline),
+        train=options.training_settings(args),
     )
     out = options.run_dir(args)
     result = plan.execute(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
+from capsbench.suite.stages import ExportSettings
 from capsbench.suite.stages.export import PARITY_IMAGES, format_export_table
 
 
@@ -42,7 +43,9 @@ def run(args) -> int:
             f"{out}: none of the {len(configs)} selected configs is trained yet; "
             f"run 'capsbench train --preset {args.preset}' first"
         )
-    settings = options.stage_settings(args, opset=args.opset, parity_images=args.parity_images)
+    settings = options.stage_settings(
+        args, export=ExportSettings(opset=args.opset, parity_images=args.parity_images)
+    )
     result = options.run_stages(args, configs, ["export"], settings)
     print(format_export_table([row for c in configs for row in result.results[c.id].get("export", [])]))
     print(f"results: {out}")

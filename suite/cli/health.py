@@ -8,6 +8,7 @@ from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.presets import RunConfig
+from capsbench.suite.stages import HealthSettings
 
 
 def register(sub) -> None:
@@ -49,7 +50,9 @@ def run(args) -> int:
             configs.append(cfg)
         else:
             print(f"{cfg.id}: not trained (or failed), skipped")
-    settings = options.stage_settings(args, health_threshold=args.threshold, health_output=args.output)
+    settings = options.stage_settings(
+        args, health=HealthSettings(threshold=args.threshold, output=args.output)
+    )
     result = options.run_stages(args, configs, ["health"], settings, folder)
     for cfg in configs:
         health = result.results[cfg.id].get("health")

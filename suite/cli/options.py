@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from capsbench.suite import data
 from capsbench.suite.errors import ConfigError
 from capsbench.suite.presets import RunConfig, Stratum, get_preset
 from capsbench.suite.prune_settings import CONTROLS, PROCEDURES, PruneSettings
+
+if TYPE_CHECKING:
+    from capsbench.suite.stages import Settings, TrainSettings
 
 # ------------------------------------------------------------------------------------- numeric option types
 # Every numeric option is checked while parsing, so a bad value is one line from argparse (exit 2) before any
@@ -115,7 +119,7 @@ def add_grid(p: argparse.ArgumentParser) -> None:
 def add_training(p: argparse.ArgumentParser, compile_flag: str = "--compile") -> None:
     """How configs are trained: torch.compile policy and precision (`train`; `all`, where `--compile` is the
     timing's torch.compile backend, names the first `--train-compile`)."""
-    from capsbench.suite.train import COMPILE_MODES, PRECISIONS
+    from capsbench.suite.train import COMPILE_CHOICES, PRECISIONS
 
     p.add_argument(
         compile_flag,
@@ -123,7 +127,7 @@ def add_training(p: argparse.ArgumentParser, compile_flag: str = "--compile") ->
         nargs="?",
         const="default",
         default="auto",
-        choices=("off", *COMPILE_MODES),
+        choices=COMPILE_CHOICES,
         metavar="MODE",
         help="torch.compile for training. auto (the default): time the first 4 steps eager and compile for the "
         "rest only when the steps left would save at least twice a compile's cost (measured on 2 CPU threads: "
@@ -142,12 +146,13 @@ def add_training(p: argparse.ArgumentParser, compile_flag: str = "--compile") ->
     )
 
 
-def training_settings(args: argparse.Namespace) -> dict:
-    """The runner settings' training parts from `add_training`'s options."""
-    mode = None if args.train_compile == "off" else args.train_compile
-    if mode not in (None, "auto"):
-        _require_compiler(f"--compile {mode}", "train eager (off) or with the auto policy")
-    return {"compile_mode": mode, "precision": args.precision}
+def training_settings(args: argparse.Namespace) -> TrainSettings:
+    """The train stage's settings from `add_training`'s options."""
+    from capsbench.suite.stages import TrainSettings
+
+    if args.train_compile not in ("off", "auto"):
+        _require_compiler(f"--compile {args.train_compile}", "train eager (off) or with the auto policy")
+    return TrainSettings(compile=args.train_compile, precision=args.precision)
 
 
 def _require_compiler(option: str, instead: str) -> None:
@@ -399,8 +404,9 @@ def time_settings(args: argparse.Namespace):
     return TimeSettings(**given)
 
 
-def stage_settings(args: argparse.Namespace, **parts):
-    """The runner's settings from the options every stage command shares, plus the command's own parts."""
+def stage_settings(args: argparse.Namespace, **parts: Any) -> Settings:
+    """The runner's settings from the options every stage command shares, plus the command's own parts (each
+    stage's settings by its name: train=TrainSettings(...), time=TimeSettings(...), ...)."""
     from capsbench.suite.stages import Settings
 
     return Settings(

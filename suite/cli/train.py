@@ -29,7 +29,7 @@ def run(args) -> int:
         args,
         configs,
         ["train", "health"],
-        options.stage_settings(args, **options.training_settings(args)),
+        options.stage_settings(args, train=options.training_settings(args)),
     )
     print(summary.format_summary(summary.summary_rows(out, [c.id for c in configs])))
     print(f"results: {out}")

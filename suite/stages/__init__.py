@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import importlib
 
-from capsbench.suite.stages.base import Context, PruneSettings, Settings, Stage
+from capsbench.suite.stages.base import (
+    Context,
+    ExportSettings,
+    HealthSettings,
+    PruneSettings,
+    ReportSettings,
+    Settings,
+    Stage,
+    TrainSettings,
+)
 
 MODULES = ("train", "health", "prune", "export", "time", "cpp", "verdicts", "report")
 NAMES = MODULES  # what `capsbench all --only/--skip` offers
@@ -21,4 +30,17 @@ def select(names: tuple[str, ...] | list[str]) -> list[Stage]:
     return [get(n) for n in MODULES if n in names]
 
 
-__all__ = ["Context", "MODULES", "NAMES", "PruneSettings", "Settings", "Stage", "get", "select"]
+__all__ = [
+    "Context",
+    "ExportSettings",
+    "HealthSettings",
+    "MODULES",
+    "NAMES",
+    "PruneSettings",
+    "ReportSettings",
+    "Settings",
+    "Stage",
+    "TrainSettings",
+    "get",
+    "select",
+]

@@ -20,29 +20,59 @@ if TYPE_CHECKING:
     import torch
 
     from capsbench.suite.presets import RunConfig
-    from capsbench.suite.stages.export import TimeSettings
+    from capsbench.suite.stages.time import TimeSettings
     from capsbench.suite.train import Splits
+
+# ------------------------------------------------------------------------------------------------ settings
+# What a stage is told, one typed part per stage, each with its defaults (those of the CLI's flags left out).
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    # torch.compile for training, in one encoding from the command line to train(): "off" trains eager, "auto"
+    # compiles when it pays (suite/train.py: compile_pays), a torch.compile mode always compiles with it.
+    compile: str = "auto"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast); recorded in metrics.json, part of "done"
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    threshold: float | None = None  # None: each config's own inactivity threshold
+    output: str | None = None  # None: health.json, measured when older than the checkpoint
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int | None = None  # None: the exporter's default
+    parity_images: int = 1000  # test images the ONNX model is checked on against PyTorch
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    baseline: Path | None = None  # another run folder to show regressions against
+
+
+def _time_settings() -> TimeSettings:
+    from capsbench.suite.stages.time import TimeSettings  # that module imports this one
+
+    return TimeSettings()
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything any stage may be told; each stage reads its own part."""
+    """Everything any stage may be told: each stage's own part (time: the time and cpp stages'), and what every
+    stage obeys."""
 
+    train: TrainSettings = field(default_factory=TrainSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
     prune: PruneSettings = field(default_factory=PruneSettings)
-    time: TimeSettings | None = None
-    opset: int | None = None
-    parity_images: int = 1000
-    health_threshold: float | None = None
-    health_output: str | None = None  # None: health.json, measured when older than the checkpoint
-    baseline: Path | None = None  # the report's baseline run folder
-    device: str | None = None
-    # train: a torch.compile mode for the training forward; None = eager; "auto": compile when it pays
-    # (suite/train.py: compile_pays)
-    compile_mode: str | None = "auto"
-    precision: str = "fp32"  # train: "fp32" or "bf16" (autocast); recorded in metrics.json, part of "done"
-    force: bool = False
+    export: ExportSettings = field(default_factory=ExportSettings)
+    time: TimeSettings = field(default_factory=_time_settings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+    device: str | None = None  # None: auto (CUDA when present)
+    force: bool = False  # redo what is done
     progress: bool = True
-    keep_intermediate: bool = False  # keep surgery.pt and finetune.pt after their stage is done
+    keep_intermediate: bool = False  # keep what a stage removes once done (surgery.pt, finetune.pt)
 
 
 @dataclass

@@ -155,7 +155,12 @@ def run(ctx: Context) -> list[dict]:
     if not rundir.is_trained(ctx.out):
         raise CheckpointError(not_trained_message(ctx.cfg, ctx.out))
     rows = export_config(
-        ctx.cfg, ctx.out, ctx.splits, force=s.force, opset=s.opset, num_parity_images=s.parity_images
+        ctx.cfg,
+        ctx.out,
+        ctx.splits,
+        force=s.force,
+        opset=s.export.opset,
+        num_parity_images=s.export.parity_images,
     )
     bad = [r for r in rows if r["status"] not in (ExportStatus.DONE, ExportStatus.EXPORTED)]
     if bad:

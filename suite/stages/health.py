@@ -10,12 +10,12 @@ from capsbench.suite.stages.base import Context, Stage
 
 
 def _output(ctx: Context) -> str:
-    return ctx.settings.health_output or rundir.HEALTH_FILE
+    return ctx.settings.health.output or rundir.HEALTH_FILE
 
 
 def done(ctx: Context) -> bool:
     s = ctx.settings
-    if s.force or s.health_output is not None or s.health_threshold is not None:
+    if s.force or s.health.output is not None or s.health.threshold is not None:
         return False  # an explicit measurement is always made
     health, ckpt = ctx.out / rundir.HEALTH_FILE, ctx.out / rundir.CHECKPOINT_FILE
     return health.is_file() and ckpt.is_file() and health.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns
@@ -33,7 +33,7 @@ def run(ctx: Context) -> dict:
         ctx.out,
         ctx.splits(),
         device=ctx.device,
-        threshold=ctx.settings.health_threshold,
+        threshold=ctx.settings.health.threshold,
         output=_output(ctx),
     )
 

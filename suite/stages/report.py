@@ -10,7 +10,7 @@ from capsbench.suite.stages.base import Context, Stage
 def run(ctx: Context) -> Path:
     from capsbench.reports.render import render_report
 
-    return render_report(ctx.run_dir, baseline_dir=ctx.settings.baseline)
+    return render_report(ctx.run_dir, baseline_dir=ctx.settings.report.baseline)
 
 
 def done(ctx: Context) -> bool:

@@ -45,8 +45,8 @@ def run(ctx: Context) -> dict:
             device=ctx.device,
             force=ctx.settings.force,
             progress=ctx.settings.progress,
-            compile_mode=ctx.settings.compile_mode,
-            precision=ctx.settings.precision,
+            compile_mode=ctx.settings.train.compile,
+            precision=ctx.settings.train.precision,
         )
     except DivergenceError as e:
         training.write_failure(ctx.out, ctx.cfg, Status.DIVERGED, str(e))
@@ -58,7 +58,7 @@ def done(ctx: Context) -> bool:
     if ctx.settings.force or not rundir.is_trained(ctx.out):
         return False
     metrics = rundir.read_if_valid(ctx.out / rundir.METRICS_FILE, "metrics") or {}
-    return training.trained_precision(metrics) == ctx.settings.precision
+    return training.trained_precision(metrics) == ctx.settings.train.precision
 
 
 STAGE = Stage(

@@ -14,7 +14,7 @@ from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_model, load_torch
 from capsbench.suite.presets import get_preset
-from capsbench.suite.stages import Context, Settings
+from capsbench.suite.stages import Context, Settings, TrainSettings
 from capsbench.suite.stages import train as train_stage
 
 SMOKE = get_preset("smoke").configs()
@@ -60,9 +60,9 @@ def test_compiled_training_matches_eager_and_checkpoints_the_plain_module(tmp_pa
         mode: training.train(
             SHORT_RUN, tmp_path / str(mode), splits, device="cpu", progress=False, compile_mode=mode
         )
-        for mode in (None, "default")
+        for mode in ("off", "default")
     }
-    eager, compiled = runs[None]["history"][0], runs["default"]["history"][0]
+    eager, compiled = runs["off"]["history"][0], runs["default"]["history"][0]
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
     assert abs(compiled["test_acc"] - eager["test_acc"]) <= 0.01
     # The checkpoint must hold the eager module's keys (no "_orig_mod." prefix) so every later stage loads it.
@@ -76,9 +76,10 @@ def _train(tmp_path, name, splits, **kw):
 
 def test_auto_trains_a_short_run_eager_exactly_as_off_and_records_why(tmp_path, fashion_data_dir):
     splits = training.load_splits(SHORT_RUN, fashion_data_dir)
-    off = _train(tmp_path, "off", splits, compile_mode=None)
+    off = _train(tmp_path, "off", splits, compile_mode="off")
     auto = _train(tmp_path, "auto", splits, compile_mode="auto")
     assert off["compile"] == {"policy": "off", "compiled": False}
+    assert off["compile_mode"] is None  # metrics.json records eager as null, as it always has
     decision = auto["compile"]
     assert decision["policy"] == "auto" and decision["compiled"] is False
     assert decision["steps_left"] == 8 - (training.AUTO_TIMED_STEPS + 1) and decision["eager_step_s"] > 0
@@ -105,7 +106,7 @@ def test_the_auto_rule_compiles_the_quick_grid_and_not_the_smoke_one():
 def test_auto_compiles_midway_when_it_pays_and_trains_like_eager(tmp_path, fashion_data_dir, monkeypatch):
     monkeypatch.setattr(training, "AUTO_COMPILE_COST_S", 0.0)  # any saving pays: the compiled branch runs
     splits = training.load_splits(SHORT_RUN, fashion_data_dir)
-    off = _train(tmp_path, "off", splits, compile_mode=None)
+    off = _train(tmp_path, "off", splits, compile_mode="off")
     auto = _train(tmp_path, "auto", splits, compile_mode="auto")
     assert auto["compile"]["compiled"] is True
     assert auto["history"][0]["train_loss"] == pytest.approx(off["history"][0]["train_loss"], rel=1e-3)
@@ -140,7 +141,14 @@ def test_without_compilers_explicit_compile_is_refused_in_one_line_and_auto_trai
 
 def _context(cfg, out, precision):
     return Context(
-        cfg, out, out.parent, Settings(precision=precision), lambda: None, torch.device("cpu"), print, {}
+        cfg,
+        out,
+        out.parent,
+        Settings(train=TrainSettings(precision=precision)),
+        lambda: None,
+        torch.device("cpu"),
+        print,
+        {},
     )
 
 

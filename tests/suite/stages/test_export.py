@@ -14,7 +14,7 @@ from capsbench.suite.checkpoints import save_torch
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
 from capsbench.suite.rundir import read_result
-from capsbench.suite.stages import Settings
+from capsbench.suite.stages import ExportSettings, Settings
 
 CFG = next(c for c in get_preset("smoke").configs() if c.model.depth == 0)
 TINY = ["--train-subset", "64", "--eval-subset", "32", "--epochs", "1"]
@@ -163,7 +163,12 @@ def test_the_export_stage_exports_every_backbone_and_primary_layout(
     )
     rundir.write_json(out / rundir.METRICS_FILE, "metrics", {"config_id": cfg.id, "status": "complete"})
     result = runner.run(
-        [cfg], tmp_path, ["export"], Settings(parity_images=32), data_dir=fashion_data_dir, log=lambda _: None
+        [cfg],
+        tmp_path,
+        ["export"],
+        Settings(export=ExportSettings(parity_images=32)),
+        data_dir=fashion_data_dir,
+        log=lambda _: None,
     )
     assert [f.message for f in result.failures] == []
     info = read_result(out / rundir.EXPORT_FILE, "export")
