@@ -29,7 +29,7 @@ CPP_DIR = Path(__file__).resolve().parent / "cpp"
 RUNNER = "capsbench-runner"
 MAGIC = b"CBT1"
 # CBT1 dtype codes are ONNX TensorProto element types (see cpp/tensor_io.h).
-DTYPE_CODES = {
+DTYPE_CODES: dict[np.dtype, int] = {
     np.dtype(np.float32): 1,
     np.dtype(np.uint8): 2,
     np.dtype(np.int8): 3,
@@ -40,7 +40,7 @@ DTYPE_CODES = {
     np.dtype(np.float16): 10,
     np.dtype(np.float64): 11,
 }
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+CODE_DTYPES: dict[int, np.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 # What the runner's exit codes mean (runner.cpp); 6 still writes the JSON, with the failed rows in it.
 EXIT_CODES = {
     1: "runtime error",

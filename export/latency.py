@@ -45,7 +45,7 @@ RETRIES = 2  # an unstable measurement is timed again at most this many times
 MIN_GRAPH_WARMUP = 3
 
 
-def stability(durations_ms: Sequence[float]) -> tuple[bool, str | None]:
+def stability(durations_ms: Sequence[float] | np.ndarray) -> tuple[bool, str | None]:
     """(stable, why not) for one measurement's timed calls.
 
     Rule: stable when there are at least STABLE_MIN_SAMPLES calls, the interquartile range is at most
@@ -260,6 +260,7 @@ def time_backend(
         stats = judge_contention(summarize(timer.durations, batch, timer.first), contention)
         if best is None or stats["stable"] or stats["p50_ms"] < best["p50_ms"]:
             best = stats
+    assert best is not None  # the loop runs at least once
     return {**best, "attempts": attempts}
 
 
@@ -354,7 +355,7 @@ def _tf32_knobs() -> list[tuple[Any, str, Any, str]]:
     """(object, attribute, IEEE value, name) for torch's fp32-precision settings: the fp32_precision API where this
     torch has it, else the older allow_tf32 flags."""
     b = torch.backends
-    knobs = []
+    knobs: list[tuple[Any, str, Any, str]] = []
     for name, owner in (("cudnn.conv", getattr(b.cudnn, "conv", None)), ("cuda.matmul", b.cuda.matmul)):
         if owner is not None and hasattr(owner, "fp32_precision"):
             knobs.append((owner, "fp32_precision", "ieee", f"torch.backends.{name}.fp32_precision"))

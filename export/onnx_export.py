@@ -92,7 +92,7 @@ def _torchscript_export(
         torch.onnx.export(
             model,
             (x,),
-            buf,
+            buf,  # type: ignore[arg-type]  # a file object is accepted (torch.onnx's docs), the stub says path
             dynamo=False,
             input_names=[INPUT_NAME],
             output_names=names,

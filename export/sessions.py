@@ -180,7 +180,7 @@ class OrtSession:
             self.session.run_with_iobinding(binding)
             return outs or binding.get_outputs()
 
-        run.inputs = x  # the input buffer must outlive the binding
+        run.inputs = x  # type: ignore[attr-defined]  # the input buffer must outlive the binding
         return run, binding.synchronize_outputs
 
 

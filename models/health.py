@@ -69,7 +69,7 @@ def batch_statistics(model: nn.Module):
     as in training, while their running statistics (and num_batches_tracked) are left exactly as they were.
     Dropout stays off. On exit the model's modes and buffers are restored."""
     modes = {m: m.training for m in model.modules()}
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in bns]
     model.eval()
     for m in bns:
@@ -102,7 +102,7 @@ def capsule_health(
     statistics (0 and 1) make every capsule look dead in eval mode; use `init_health` for that.
     """
     was_training = model.training
-    modules = model.capsule_modules()
+    modules = model.capsule_modules()  # type: ignore[operator]  # a CapsNet (any module offering it)
     ctx = batch_statistics(model) if batch_stats else contextlib.nullcontext()
     try:
         with ctx:

@@ -392,16 +392,16 @@ def prune_capsnet(
             kept = list(range(n))
         inter_kept.append(kept)
 
-    channels = tuple(len(k) for k in kept_out)
+    kept_channels = tuple(len(k) for k in kept_out)
     new_cfg = dataclasses.replace(
         cfg,
         # A default-shaped backbone keeps `()` so that ratio 0 gives back the very same config.
-        backbone_channels=cfg.backbone_channels if channels == cfg.conv_channels else channels,
+        backbone_channels=cfg.backbone_channels if kept_channels == cfg.conv_channels else kept_channels,
         primary_types=cfg.primary_types - types_removed,
         intermediate=tuple((len(kept), d) for kept, (_, d) in zip(inter_kept, cfg.intermediate, strict=True)),
     )
-    if new_cfg.conv_channels != channels:  # a default that follows P moved with the pruned PrimaryCaps
-        new_cfg = dataclasses.replace(new_cfg, backbone_channels=channels)
+    if new_cfg.conv_channels != kept_channels:  # a default that follows P moved with the pruned PrimaryCaps
+        new_cfg = dataclasses.replace(new_cfg, backbone_channels=kept_channels)
     device = next(model.parameters()).device
     new = build_capsnet(new_cfg).to(device)
     with torch.no_grad():
@@ -443,11 +443,15 @@ def _copy_conv_bn(old: nn.Module, new: nn.Module, kept_out: list[int], kept_in: 
     new_conv, new_bn = _block_conv_bn(new)
     new_conv.weight.copy_(old_conv.weight[kept_out][:, kept_in])
     if old_conv.bias is not None:
+        assert new_conv.bias is not None  # the same block type
         new_conv.bias.copy_(old_conv.bias[kept_out])
     if old_bn is not None:
+        assert new_bn is not None
         for attr in ("weight", "bias", "running_mean", "running_var"):
             getattr(new_bn, attr).copy_(getattr(old_bn, attr)[kept_out])
-        new_bn.num_batches_tracked.copy_(old_bn.num_batches_tracked)
+        tracked, old_tracked = new_bn.num_batches_tracked, old_bn.num_batches_tracked
+        assert tracked is not None and old_tracked is not None  # both track: built by the same block type
+        tracked.copy_(old_tracked)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

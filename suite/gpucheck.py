@@ -111,8 +111,8 @@ def run_cuda_tests(tests: Path, timeout: float = 3600) -> dict[str, Any]:
         name = f"{case.get('classname')}::{case.get('name')}"
         if case.find("failure") is not None or case.find("error") is not None:
             failures.append(name)
-        elif case.find("skipped") is not None:
-            skipped.append((case.find("skipped").get("message") or "").strip())
+        elif (skip := case.find("skipped")) is not None:
+            skipped.append((skip.get("message") or "").strip())
     return {
         **out,
         "passed": total - len(failures) - len(skipped),
@@ -225,7 +225,7 @@ def train_step_figures(cfg, data_dir: Path | None, device: torch.device, *, comp
     from capsbench.suite import trainbench
 
     x, y = trainbench.preloaded_batch(cfg, device, data_dir)
-    variants = [("eager", "fp32", None), ("eager", "bf16", None)]
+    variants: list[tuple[str, str, str | None]] = [("eager", "fp32", None), ("eager", "bf16", None)]
     if compile:
         variants.append(("compiled", "fp32", "reduce-overhead"))
     rows = []

@@ -261,7 +261,7 @@ def add_timing(p: argparse.ArgumentParser) -> None:
     """The timing harness's options (`time`, and `all` for its time and cpp stages)."""
     from capsbench.export.latency import DEFAULT_BATCH_SIZES
     from capsbench.export.sessions import PROVIDERS
-    from capsbench.suite.stages.time import TimeSettings
+    from capsbench.export.timing import TimeSettings
 
     p.add_argument(
         "--batch-sizes",
@@ -389,7 +389,7 @@ def time_settings(args: argparse.Namespace):
     import dataclasses
 
     from capsbench.export.latency import DEFAULT_BATCH_SIZES
-    from capsbench.suite.stages.time import TimeSettings
+    from capsbench.export.timing import TimeSettings
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TimeSettings) if hasattr(args, f.name)}
     # What the command line leaves open comes from the preset (its timing budget), then the harness.

@@ -4,7 +4,6 @@ suite/timing.py's."""
 
 from __future__ import annotations
 
-from capsbench.export.timing import TimeSettings
 from capsbench.results import LATENCY_CPP_FILE
 from capsbench.suite.stages.base import Context, Stage
 from capsbench.suite.timing import finished_latency, onnx_shas, time_config_cpp
@@ -13,9 +12,7 @@ from capsbench.suite.timing import finished_latency, onnx_shas, time_config_cpp
 def done(ctx: Context) -> bool:
     s = ctx.settings
     return (
-        not s.force
-        and finished_latency(ctx.out / LATENCY_CPP_FILE, s.time or TimeSettings(), onnx_shas(ctx.out))
-        is not None
+        not s.force and finished_latency(ctx.out / LATENCY_CPP_FILE, s.time, onnx_shas(ctx.out)) is not None
     )
 
 
@@ -24,7 +21,7 @@ def run(ctx: Context) -> dict:
         ctx.cfg,
         ctx.out,
         ctx.splits,
-        ctx.settings.time or TimeSettings(),
+        ctx.settings.time,
         force=ctx.settings.force,
         progress=ctx.log if ctx.settings.progress else None,
     )

@@ -11,20 +11,13 @@ from capsbench.export import ExportError, ParityError, export_onnx, parity
 from capsbench.results import StrEnum
 from capsbench.suite import rundir
 from capsbench.suite import train as training
-from capsbench.suite.checkpoints import load_model
+from capsbench.suite.checkpoints import load_model, not_trained_message
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.rundir import Variant, present_variants, read_if_valid, read_result, sha256, write_json
 from capsbench.suite.stages.base import Context, Stage
 
 PARITY_IMAGES = 1000
-
-
-def not_trained_message(cfg: RunConfig, out_dir: Path) -> str:
-    return (
-        f"{cfg.id}: not trained yet (no finished training in {out_dir}); "
-        f"run 'capsbench train' for this config first (e.g. --configs {cfg.id})"
-    )
 
 
 class ExportStatus(StrEnum):

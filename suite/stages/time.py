@@ -13,10 +13,7 @@ __all__ = ["STAGE", "TimeSettings"]
 
 def done(ctx: Context) -> bool:
     s = ctx.settings
-    return (
-        not s.force
-        and finished_latency(ctx.out / LATENCY_FILE, s.time or TimeSettings(), onnx_shas(ctx.out)) is not None
-    )
+    return not s.force and finished_latency(ctx.out / LATENCY_FILE, s.time, onnx_shas(ctx.out)) is not None
 
 
 def run(ctx: Context) -> dict:
@@ -24,7 +21,7 @@ def run(ctx: Context) -> dict:
         ctx.cfg,
         ctx.out,
         ctx.splits,
-        ctx.settings.time or TimeSettings(),
+        ctx.settings.time,
         force=ctx.settings.force,
         gemm_cache=ctx.shared.setdefault("gemm", {}),
         progress=ctx.log if ctx.settings.progress else None,
