@@ -54,9 +54,20 @@ def cli(request) -> Callable[[Sequence[str | PathLike]], CliResult]:
     return run
 
 
-# Session fixtures that run the benchmark end to end: every test using one is `slow` (left out of the fast loop
-# `pytest -m "not slow"`; CI runs everything).
-END_TO_END_FIXTURES = {"smoke_all_run", "smoke_run"}
+# Fixtures that train, export or build (a benchmark run end to end, a trained and exported net, the C++ runner):
+# every test using one is `slow`, left out of the fast loop `pytest -m "not slow"` (CI runs everything).
+HEAVY_FIXTURES = {
+    "smoke_all_run",  # capsbench all --preset smoke (tests/conftest.py)
+    "smoke_run",  # a copy of it (tests/suite/cli/test_train.py)
+    "tiny_run",  # a trained, pruned and exported run (tests/suite/test_runner.py)
+    "trained",  # a trained base to prune (tests/suite/stages/test_prune.py)
+    "exported_run",  # a trained, pruned and exported run (tests/suite/stages/test_export.py)
+    "pruned_run",  # a run pruned with every control (tests/suite/test_pruning.py)
+    "exported",  # trained and exported nets (tests/export/conftest.py)
+    "capsnet_onnx",  # an exported net (tests/export/test_cpp_runner.py)
+    "runner",  # the C++ runner, built with CMake (cached by its sources' hash)
+    "asan_runner",  # the same, under AddressSanitizer
+}
 
 
 def pytest_report_header(config):
@@ -69,7 +80,7 @@ def pytest_report_header(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -14,6 +14,7 @@ from capsbench import results as rundir
 from capsbench.results import ResultError
 
 
+@pytest.mark.slow
 def test_the_contract_and_the_reports_import_neither_torch_nor_the_suite():
     """reports/ reads result files only: importing every report module (and `check`'s completeness test) pulls
     in neither torch nor any module of capsbench.suite."""

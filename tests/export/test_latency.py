@@ -366,6 +366,7 @@ def _other_cores_while(work, seconds=0.6):
 
 
 @pytest.mark.timing
+@pytest.mark.slow
 def test_contention_counts_other_processes_cpu_time_and_not_this_ones():
     spin = _other_cores_while(lambda: None)  # this process busy on a core: not contention
     competitor = _competitor()
@@ -385,6 +386,7 @@ def _steady(x):
     return (lambda: time.sleep(0.002)), None
 
 
+@pytest.mark.slow
 def test_a_tight_measurement_beside_a_competing_process_is_unstable_for_that_reason():
     images = np.zeros((8, 1, 28, 28), np.float32)
     competitor = _competitor()
@@ -400,6 +402,7 @@ def test_a_tight_measurement_beside_a_competing_process_is_unstable_for_that_rea
     assert single["other_cores"] is not None and single["contention_window_s"] > 0.25
 
 
+@pytest.mark.slow
 def test_a_child_waited_for_inside_the_window_is_this_processs_own_work():
     """The C++ runner is a child process: its CPU time must not read as contention."""
 

@@ -77,6 +77,7 @@ def test_export_writes_atomically_over_an_existing_file(exported, fashion, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_a_net_whose_class_capsules_vanished_passes_parity(fashion, tmp_path):
     """Past the cliff every class capsule is ~0: float noise over that scale is no disagreement (it used to fail
     with relative errors of 15 on the depth preset's dead nets)."""

@@ -199,6 +199,7 @@ def test_the_ort_delay_test_hook_is_a_setting_and_part_of_the_cache_key(tmp_path
         assert finished_latency(path, asked, shas) is None
 
 
+@pytest.mark.slow
 def test_a_round_probes_the_machine_holds_torch_to_ieee_fp32_and_restores_its_threads():
     import torch
 

@@ -16,6 +16,7 @@ def test_config_round_trips_through_json_and_keeps_its_id():
     assert again == cfg and again.id == cfg.id
 
 
+@pytest.mark.slow
 def test_config_id_changes_with_any_field_and_is_stable_across_processes():
     a = CapsNetConfig()
     assert a.id != CapsNetConfig(routing_iters=2).id

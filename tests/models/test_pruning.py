@@ -121,6 +121,7 @@ def test_l1_scores_are_the_filter_l1_norms():
     assert l1_scores(w).tolist() == [2.0, 9.0, 0.0]
 
 
+@pytest.mark.slow
 def test_score_capsnet_gives_one_score_per_channel_of_each_conv(fashion_test_images):
     x, _ = fashion_test_images
     net = _lively(SMALL)
@@ -298,6 +299,7 @@ def test_ccm_blocks_cover_the_primary_caps_conv_output_as_the_papers_code(fashio
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_pruned_deep_net_trains_saves_reloads_and_passes_health(tmp_path, fashion_data_dir):
     x, y = data.load_split("fashion-mnist", "train", fashion_data_dir)
     x, y = x[:256].float() / 255.0, y[:256]

@@ -97,12 +97,14 @@ def test_report_refuses_a_non_finite_or_mistyped_figure_and_writes_nothing(runs,
     assert not (cur / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_an_untouched_copy_still_passes_check_and_renders(runs, capsys):
     cur, base = runs
     assert main(["check", str(cur), "--baseline", str(base)]) == 0
     assert main(["report", str(cur)]) == 0
 
 
+@pytest.mark.slow
 def test_the_report_never_follows_a_link_planted_at_its_names(runs, tmp_path):
     cur, _ = runs
     outside = tmp_path / "outside.txt"
@@ -120,6 +122,7 @@ def test_the_report_never_follows_a_link_planted_at_its_names(runs, tmp_path):
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_a_failed_report_write_leaves_no_temporary_behind(runs, tmp_path, capsys):
     cur, _ = runs
     target = tmp_path / "elsewhere" / "report.html"

@@ -77,6 +77,7 @@ def page():
         browser.close()
 
 
+@pytest.mark.slow
 def test_report_is_one_self_contained_file(run_copy):
     html = render_report(run_copy).read_text()
     assert html.count("<svg") >= 5 and "<style>" in html
@@ -88,6 +89,7 @@ def test_report_is_one_self_contained_file(run_copy):
     assert "mean capsule length (log)" in html and "<text" in html
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_without_errors_or_requests(page):
     pg, log = page
     assert [m for m in log["console"] if m[0] in ("error", "warning")] == []
@@ -157,6 +159,7 @@ def _text(pg, selector: str) -> str:
     return pg.locator(selector).first.inner_text().strip()
 
 
+@pytest.mark.slow
 def test_numbers_on_the_page_equal_the_result_files(page):
     pg, _ = page
     run = _json(DATA / "run.json")
@@ -206,6 +209,7 @@ def test_numbers_on_the_page_equal_the_result_files(page):
             assert ips.inner_text().strip() == f"{r['throughput_ips']:.0f}", cell
 
 
+@pytest.mark.slow
 def test_without_verdicts_no_claim_is_said_to_fail(run_copy):
     html = render_report(run_copy).read_text()
     claims = re.search(r'<section id="claims">.*?</section>', html, re.S).group(0)
@@ -221,6 +225,7 @@ def test_without_verdicts_no_claim_is_said_to_fail(run_copy):
     assert "this run's nets and budget only: fan_in init, 2 epoch(s) on 12000 training images" in claims
 
 
+@pytest.mark.slow
 def test_verdicts_json_is_shown_with_its_test_and_numbers(run_copy):
     verdict = {
         "claim": "deeper_more_inactive",
@@ -244,6 +249,7 @@ def test_verdicts_json_is_shown_with_its_test_and_numbers(run_copy):
     assert 'href="#depth-profile"' in row
 
 
+@pytest.mark.slow
 def test_failed_and_missing_stages_are_shown_per_config(run_copy):
     first, second = _configs(run_copy)
     (first / "latency_cpp.json").unlink()
@@ -259,6 +265,7 @@ def test_failed_and_missing_stages_are_shown_per_config(run_copy):
     assert 'class="l failed">failed: StageError: parity failed<' in row2
 
 
+@pytest.mark.slow
 def test_timing_spread_and_stability_shown_when_recorded_else_na(run_copy):
     d = _configs(run_copy)[0]
     latency = _json(d / "latency.json")
@@ -275,6 +282,7 @@ def test_timing_spread_and_stability_shown_when_recorded_else_na(run_copy):
     assert 'class="l n/a">n/a' in row  # the other backends carry no verdict
 
 
+@pytest.mark.slow
 def test_controls_appear_beside_their_parent(run_copy):
     """A pruning result marked as a control (a `control` field) is drawn and listed under its own name."""
     d = next(d for d in _configs(run_copy) if _json(d / "config.json")["config"]["model"]["intermediate"])
@@ -295,6 +303,7 @@ def test_controls_appear_beside_their_parent(run_copy):
     )
 
 
+@pytest.mark.slow
 def test_configs_that_differ_only_by_seed_are_drawn_as_mean_and_spread(run_copy):
     deep = next(d for d in _configs(run_copy) if _json(d / "config.json")["config"]["model"]["intermediate"])
     twin = run_copy / "0000000000"
@@ -331,6 +340,7 @@ def test_a_train_only_run_renders_and_says_what_is_missing(run_copy):
     assert 'id="depth-profile-0"' in html and 'id="accuracy-depth"' in html
 
 
+@pytest.mark.slow
 def test_a_gpu_run_names_its_gpu_in_the_header(run_copy):
     run = _json(run_copy / "run.json")
     run["environment"].update(device="cuda:0", cuda_available=True, gpu="NVIDIA H100 80GB HBM3")
@@ -339,6 +349,7 @@ def test_a_gpu_run_names_its_gpu_in_the_header(run_copy):
     assert '<dd id="h-device">GPU: NVIDIA H100 80GB HBM3</dd>' in html
 
 
+@pytest.mark.slow
 def test_capsbench_report_shows_regressions_against_a_doctored_baseline(run_copy, tmp_path, capsys):
     from capsbench.suite.cli import main
 
@@ -360,6 +371,7 @@ def test_capsbench_report_shows_regressions_against_a_doctored_baseline(run_copy
     assert row, section[:2000]
 
 
+@pytest.mark.slow
 def test_a_stage_never_run_for_a_config_is_not_run_not_missing(run_copy):
     """A preset that times only its first configs leaves the others without timing: that is no lost file."""
     first, second = _configs(run_copy)

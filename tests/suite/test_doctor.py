@@ -11,6 +11,7 @@ from capsbench.suite.doctor import cuda_missing
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report on a machine without a GPU")
 
 
+@pytest.mark.slow
 def test_doctor_json_matches_this_machine(cli, fashion_data_dir):
     doctor = cli(["doctor", "--json", "--data-dir", str(fashion_data_dir)])
     assert doctor.code == 0
@@ -29,6 +30,7 @@ def test_doctor_json_matches_this_machine(cli, fashion_data_dir):
 
 
 @no_gpu
+@pytest.mark.slow
 def test_doctor_on_a_cpu_machine_says_cpu_and_why_cuda_checks_cannot_run(cli, fashion_data_dir):
     doctor = cli(["doctor", "--data-dir", str(fashion_data_dir)])
     assert doctor.code == 0

@@ -29,6 +29,7 @@ def gpu_check(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 
 @no_cuda
+@pytest.mark.slow
 def test_gpu_check_without_cuda_fails_in_one_line_and_writes_nothing(tmp_path):
     res = gpu_check("--out", str(tmp_path / "g.json"))
     assert res.returncode == 2
@@ -102,6 +103,7 @@ def test_gpu_check_allow_cpu_writes_the_cpu_figures(tmp_path, fashion_data_dir):
     )
 
 
+@pytest.mark.slow
 def test_placement_by_op_counts_the_same_kernels_as_node_placement(tmp_path):
     torch.manual_seed(0)
     model = build_capsnet(
@@ -155,6 +157,7 @@ def test_a_cuda_run_is_not_ok_when_its_tests_skipped_or_compute_left_cuda():
     assert "Conv" in placement and "2 Memcpy" in placement
 
 
+@pytest.mark.slow
 def test_each_step_runs_under_its_own_timeout_and_a_failed_step_is_a_problem():
     import time as _time
 

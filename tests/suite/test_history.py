@@ -107,6 +107,7 @@ def noisy_series(rng, n: int, cv: float = MEASURED_CV, level: float = 2.0) -> np
 
 @pytest.mark.parametrize("k", [8, 15, 22])
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.slow
 def test_a_step_of_25_percent_at_commit_k_is_found_at_k(k, seed):
     rng = np.random.default_rng(seed)
     values = noisy_series(rng, 30, cv=0.04)
@@ -116,6 +117,7 @@ def test_a_step_of_25_percent_at_commit_k_is_found_at_k(k, seed):
     assert found[0]["change"] == pytest.approx(0.25, abs=0.06)
 
 
+@pytest.mark.slow
 def test_a_step_through_the_store_is_flagged_at_its_commit_and_listed_as_an_open_regression(tmp_path, capsys):
     rng = np.random.default_rng(1)
     values = noisy_series(rng, 20, cv=0.04)
@@ -149,6 +151,7 @@ def test_pure_noise_of_the_measured_spread_gives_no_alert_over_50_runs(seed):
     assert [cp for cp in change_points(values, "log") if abs(cp["change"]) > 0.20] == []
 
 
+@pytest.mark.slow
 def test_pure_noise_through_the_store_gives_no_alert_and_no_open_regression(tmp_path):
     rng = np.random.default_rng(7)
     history = tmp_path / "history.db"
@@ -468,6 +471,7 @@ def test_same_commit_retimings_give_no_alert_and_an_added_cost_per_ort_call_is_f
 # ------------------------------------------------------------------------------------------------ the trend page
 
 
+@pytest.mark.slow
 def test_the_trend_page_is_one_file_that_renders_in_chromium_with_the_step_as_an_open_regression(tmp_path):
     rng = np.random.default_rng(1)
     values = noisy_series(rng, 16, cv=0.04)

@@ -55,6 +55,7 @@ def test_the_placement_rule_reads_the_largest_gradient_against_adam_eps():
     assert precheck.placement([]) == "past" and precheck.placement([100 * eps]) == "healthy"
 
 
+@pytest.mark.slow
 def test_capsbench_precheck_writes_its_file_and_the_report_shows_it(tmp_path, fashion_data_dir, cli):
     runs = tmp_path / "runs"
     args = ["precheck", "--preset", "depth", "--configs", _at(4).id, "--runs-dir", str(runs)]

@@ -17,7 +17,7 @@ SHALLOW = next(c for c in get_preset("depth").configs() if c.model.depth == 2 an
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, fashion_data_dir):
+def pruned_run(tmp_path_factory, fashion_data_dir):
     """The depth preset's smallest config on 300 images: train, prune with its three controls, report."""
     runs = tmp_path_factory.mktemp("controls")
     where = [
@@ -43,8 +43,9 @@ def run(tmp_path_factory, fashion_data_dir):
     return runs, run_dir, folder, prunes
 
 
-def test_every_control_runs_beside_the_pruned_net_and_is_labelled(run):
-    _, run_dir, _, prunes = run
+@pytest.mark.slow
+def test_every_control_runs_beside_the_pruned_net_and_is_labelled(pruned_run):
+    _, run_dir, _, prunes = pruned_run
     by_control = {p["control"]: p for p in prunes.values()}
     assert set(by_control) == {None, "extra_training", "scratch", "random"}
     assert set(prunes) == {
@@ -64,8 +65,8 @@ def test_every_control_runs_beside_the_pruned_net_and_is_labelled(run):
     assert [v["claim"] for v in verdicts["verdicts"]][:2] == ["deeper_loses_accuracy", "deeper_more_inactive"]
 
 
-def test_the_capsule_ratio_prunes_primary_types_and_intermediate_capsules_and_fractions_are_kept(run):
-    _, _, _, prunes = run
+def test_the_capsule_ratio_prunes_primary_types_and_intermediate_capsules_and_fractions_are_kept(pruned_run):
+    _, _, _, prunes = pruned_run
     pruned = prunes["prune_chip_b0.50_c0.50"]
     after = pruned["model_config_after"]
     assert after["primary_types"] == 4 and after["intermediate"] == [[4, 8], [4, 8]]
@@ -88,8 +89,8 @@ def test_the_capsule_ratio_prunes_primary_types_and_intermediate_capsules_and_fr
     assert set(fraction) == {"before", "after_surgery", "after_finetune"}
 
 
-def test_the_scratch_control_starts_from_fresh_weights(run):
-    _, _, folder, _ = run
+def test_the_scratch_control_starts_from_fresh_weights(pruned_run):
+    _, _, folder, _ = pruned_run
     scratch = torch.load(folder / "prune_scratch_b0.50_c0.50" / SURGERY_FILE, weights_only=True)
     pruned = torch.load(folder / "prune_chip_b0.50_c0.50" / SURGERY_FILE, weights_only=True)
     key = "backbone.0.0.weight"
@@ -97,12 +98,15 @@ def test_the_scratch_control_starts_from_fresh_weights(run):
     assert not torch.equal(scratch["model"][key], pruned["model"][key])
 
 
-def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbone(run, fashion_data_dir, cli):
+@pytest.mark.slow
+def test_the_authors_procedure_builds_fresh_capsule_layers_on_the_pruned_backbone(
+    pruned_run, fashion_data_dir, cli
+):
     """finetune keeps the trained capsule weights; the authors' procedure prunes the backbone and PrimaryCaps of
     the net at the base depth and draws every capsule layer afresh (seeded by the config's seed); its
     extra_training control builds on the whole unpruned backbone; a base depth whose net is not trained is
     refused in one line naming that config."""
-    runs, _, folder, _ = run
+    runs, _, folder, _ = pruned_run
     args = ["prune", "--preset", "depth", "--configs", SHALLOW.id, "--runs-dir", str(runs), "--no-progress"]
     args += ["--data-dir", str(fashion_data_dir), "--train-subset", "300", "--eval-subset", "100"]
     args += [

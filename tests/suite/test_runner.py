@@ -504,6 +504,7 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_nothing_that_looks_f
     assert [p.name for p in small_fs.rglob("*.tmp")] == []
 
 
+@pytest.mark.slow
 def test_a_read_only_run_folder_is_one_line_for_report_health_and_all(tmp_path, fashion_data_dir, cli):
     """The checked-in real smoke run on a read-only mount: every command that would write says so in one line
     (exit 2) and changes nothing."""

@@ -26,6 +26,7 @@ PRECISION_RUN = SHALLOW.replace(train_subset=2048, eval_subset=1000, epochs=1, b
 ACCURACY_TOLERANCE = 0.03  # |bf16 - fp32| test accuracy after the same 32 seeded steps
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_data_dir):
     cfg = SHALLOW.replace(epochs=1, train_subset=300, eval_subset=100)
     splits = training.load_splits(cfg, fashion_data_dir)
@@ -37,6 +38,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_data_dir):
         training.train(other, tmp_path / "b", splits, progress=False)
 
 
+@pytest.mark.slow
 def test_ccm_weight_subtracts_the_ccm_term_while_training(tmp_path, fashion_data_dir):
     cfg = DEEP.replace(train_subset=256, eval_subset=100, ccm_weight=0.01)
     splits = training.load_splits(cfg, fashion_data_dir)
@@ -74,6 +76,7 @@ def _train(tmp_path, name, splits, **kw):
     return training.train(SHORT_RUN, tmp_path / name, splits, device="cpu", progress=False, **kw)
 
 
+@pytest.mark.slow
 def test_auto_trains_a_short_run_eager_exactly_as_off_and_records_why(tmp_path, fashion_data_dir):
     splits = training.load_splits(SHORT_RUN, fashion_data_dir)
     off = _train(tmp_path, "off", splits, compile_mode="off")
@@ -152,6 +155,7 @@ def _context(cfg, out, precision):
     )
 
 
+@pytest.mark.slow
 def test_bf16_learns_like_fp32_at_equal_steps_and_never_reuses_an_fp32_training(
     tmp_path, fashion_data_dir, capsys
 ):
@@ -182,6 +186,7 @@ def test_bf16_learns_like_fp32_at_equal_steps_and_never_reuses_an_fp32_training(
     assert train_stage.done(_context(PRECISION_RUN, out, "bf16"))
 
 
+@pytest.mark.slow
 def test_a_half_done_training_is_not_resumed_in_the_other_precision(tmp_path, fashion_data_dir):
     cfg = PRECISION_RUN.replace(train_subset=128, eval_subset=100, epochs=2)
     splits = training.load_splits(cfg, fashion_data_dir)
@@ -202,6 +207,7 @@ def test_an_unknown_precision_is_refused_before_anything_is_written(tmp_path, fa
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_dir, cli):
     out = tmp_path / "train_bench.json"
     args = ["bench", "train", "--preset", "smoke", "--backend", "eager", "--steps", "1", "--warmup", "0"]
@@ -222,6 +228,7 @@ def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_d
     assert rows[0]["final_loss"] != rows[1]["final_loss"]
 
 
+@pytest.mark.slow
 def test_all_trains_in_the_precision_and_compile_policy_it_is_given(tmp_path, fashion_data_dir, cli):
     first = next(c for c in get_preset("smoke").configs() if c.model.depth == 0).id
     args = ["all", "--preset", "smoke", "--configs", first, "--only", "train", "--runs-dir", str(tmp_path)]

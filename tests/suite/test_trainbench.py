@@ -36,6 +36,7 @@ def test_the_benchmarked_step_updates_every_parameter(fashion_data_dir):
     assert any(isinstance(m, nn.Linear) for m in model.decoder.modules())
 
 
+@pytest.mark.slow
 def test_bench_train_cli_writes_a_train_bench_result(tmp_path, fashion_data_dir, cli):
     out = tmp_path / "train_bench.json"
     args = ["bench", "train", "--preset", "smoke", "--backend", "eager", "--steps", "2", "--warmup", "0"]
@@ -79,6 +80,7 @@ def test_a_channels_last_step_trains_like_the_contiguous_one(fashion_data_dir):
     assert rows[1]["final_loss"] == pytest.approx(rows[0]["final_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_under_the_timing_harness_precision_policy(fashion_data_dir):
     """fp32 is IEEE fp32 while the steps (and the GEMM rate) are timed, as in the timing harness, recorded in the
     result and restored afterwards; TF32 only when asked for, and then recorded as such."""

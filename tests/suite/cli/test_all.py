@@ -185,6 +185,7 @@ def test_all_killed_during_timing_resumes_without_redoing_finished_stages(
     assert "report: " in done.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli):
     real_loss = training.margin_loss
     calls = {"n": 0}
@@ -229,6 +230,7 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     assert "diverged" in (tmp_path / "smoke" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir, cli):
     run = cli(
         [
@@ -261,6 +263,7 @@ def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir
     assert "Mean ± std over seeds" in (tmp_path / "smoke" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_an_unavailable_provider_fails_each_config_without_a_traceback(tmp_path, fashion_data_dir, cli):
     """`all --provider cuda` on a machine without CUDA: every config's timing stages are recorded as failed
     (message in pipeline.json, traceback in error.txt), no config stops the others, one line per failure."""

@@ -22,6 +22,7 @@ def test_every_command_has_help(cli, capsys):
         assert "usage: capsbench" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs_the_cli():
     result = subprocess.run(
         [sys.executable, "-m", "capsbench.suite.cli", "presets"], capture_output=True, text=True
@@ -29,6 +30,7 @@ def test_module_entry_point_runs_the_cli():
     assert result.returncode == 0 and "smoke" in result.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     """A SIGTERM'd capsbench ends through the KeyboardInterrupt path (exit 130, its message), so `with` blocks
     remove their temp folders and subprocess.run kills its child."""

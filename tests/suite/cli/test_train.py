@@ -206,6 +206,7 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, fashio
     assert [h["test_acc"] for h in uninterrupted["history"]] == [h["test_acc"] for h in resumed["history"]]
 
 
+@pytest.mark.slow
 def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli):
     real_loss = training.margin_loss
     calls = {"n": 0}
@@ -290,6 +291,7 @@ def test_bad_input_gives_a_clear_error_and_exit_2(argv, message, cli):
     assert message in refused.err
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_is_one_labelled_line_per_epoch(tmp_path, fashion_data_dir, capfd, cli):
     """Training and fine-tuning with progress on, stderr captured (not a terminal): no carriage-return bar
     updates, one line per epoch, each naming its stage."""

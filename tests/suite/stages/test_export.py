@@ -23,7 +23,7 @@ PRUNED = CapsNetConfig(**{**CFG.model.__dict__, "backbone_channels": (12, 24, 48
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, fashion_data_dir):
+def exported_run(tmp_path_factory, fashion_data_dir):
     """A trained smoke config plus a pruned-shaped checkpoint beside it, then export and time."""
     runs = tmp_path_factory.mktemp("runs")
     common = [
@@ -53,8 +53,9 @@ def run(tmp_path_factory, fashion_data_dir):
     return folder, common, export_code, time_code
 
 
-def test_export_writes_onnx_export_and_parity_for_the_model_and_its_pruned_version(run):
-    folder, _, code, _ = run
+@pytest.mark.slow
+def test_export_writes_onnx_export_and_parity_for_the_model_and_its_pruned_version(exported_run):
+    folder, _, code, _ = exported_run
     assert code == 0
     for onnx_name, export_name, parity_name in [
         ("model.onnx", "export.json", "parity.json"),
@@ -71,8 +72,8 @@ def test_export_writes_onnx_export_and_parity_for_the_model_and_its_pruned_versi
     )
 
 
-def test_time_writes_latency_with_environment_and_both_backends_per_batch(run, capsys):
-    folder, _, _, code = run
+def test_time_writes_latency_with_environment_and_both_backends_per_batch(exported_run, capsys):
+    folder, _, _, code = exported_run
     assert code == 0
     lat = read_result(folder / "latency.json", "latency")
     rows = lat["rows"]
@@ -90,8 +91,9 @@ def test_time_writes_latency_with_environment_and_both_backends_per_batch(run, c
         assert key in lat["environment"]
 
 
-def test_finished_stages_are_skipped_and_force_redoes_them(run, cli):
-    folder, common, _, _ = run
+@pytest.mark.slow
+def test_finished_stages_are_skipped_and_force_redoes_them(exported_run, cli):
+    folder, common, _, _ = exported_run
     mtime = (folder / "model.onnx").stat().st_mtime_ns
     first = read_result(folder / "pipeline.json", "pipeline")["export"]
     started = read_result(folder.parent / "run.json", "run")["started"]
@@ -122,10 +124,10 @@ def test_a_config_not_trained_yet_is_a_clear_error(tmp_path, fashion_data_dir, c
     assert "not trained yet" in timed.err
 
 
-def test_a_corrupt_model_file_is_one_clear_line(run, tmp_path, cli):
+def test_a_corrupt_model_file_is_one_clear_line(exported_run, tmp_path, cli):
     import shutil
 
-    folder, common, _, _ = run
+    folder, common, _, _ = exported_run
     copy = tmp_path / "smoke" / folder.name
     shutil.copytree(folder, copy)
     (copy / "model.onnx").write_bytes(b"\x00garbage")
@@ -144,6 +146,7 @@ def test_a_corrupt_model_file_is_one_clear_line(run, tmp_path, cli):
 
 @pytest.mark.parametrize("layout", PRIMARY_LAYOUTS)
 @pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.slow
 def test_the_export_stage_exports_every_backbone_and_primary_layout(
     backbone, layout, tmp_path, fashion_data_dir
 ):
