@@ -1,5 +1,5 @@
 """Docker for capsbench: prep.py readies an offline build on the host, driver.py talks to the daemon through the
-`docker` SDK (base images, build, run). The private dockerd the tests may start lives in tests/suite/test_docker.py."""
+`docker` SDK (base images, build, run). The private dockerd the tests may start lives in tests/suite/docker/test_docker.py."""
 
 from capsbench.suite.docker.driver import (
     build_image,

@@ -29,7 +29,7 @@ WHEELS = EXTRAS / "wheels"
 ORT_HEADERS = EXTRAS / "onnxruntime-include"
 # Defaults of the Dockerfile's TORCH and ORT build arguments.
 TORCH = "torch==2.13.0"
-ORT_VERSION = "1.31.1"  # pyproject.toml pins the same (tests/suite/test_docker.py checks they agree)
+ORT_VERSION = "1.31.1"  # pyproject.toml pins the same (tests/suite/docker/test_docker.py checks they agree)
 ORT_GPU = f"onnxruntime-gpu=={ORT_VERSION}"
 ORT_CPU = (
     f"onnxruntime=={ORT_VERSION}"  # the CPU-only build of the same release: a 17 MB wheel for CI's image
