@@ -26,6 +26,8 @@ from capsbench.files import atomic_write
 
 __all__ = [
     "BASE",
+    "LEGACY_MODEL_VALUES",
+    "model_value",
     "CHECKPOINT_FILE",
     "COMPARED",
     "CheckStatus",
@@ -83,6 +85,18 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+# The fields of a config's `model` dict (config.json, metrics.json, ...) added after the first results were
+# written, with the value that reproduces the network before they existed: a dict leaves a field out while it
+# holds that value (so earlier config ids stay valid), and a missing field reads as that value, never as today's
+# default (an old result means the old network). models.config's to_dict and from_dict follow it.
+LEGACY_MODEL_VALUES: dict[str, Any] = {"caps_init": "fan_in", "backbone_width": "fixed"}
+
+
+def model_value(model: dict[str, Any], name: str) -> Any:
+    """A field of a results file's `model` dict, read as LEGACY_MODEL_VALUES says when the dict leaves it out."""
+    return model.get(name, LEGACY_MODEL_VALUES.get(name))
+
 
 # run level
 RUN_FILE = "run.json"

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from capsbench.results import LEGACY_MODEL_VALUES
+
 
 @dataclass(frozen=True)
 class ConvSpec:
@@ -63,9 +65,10 @@ CAPS_INITS = ("authors", "fan_in", "coupled")
 # P = primary_types x primary_dim as in the paper's code (sahu P/4, P/2, P; sabour P).
 BACKBONE_WIDTHS = ("fixed", "follow_p")
 # Fields added after the first results were written, with the value that reproduces the behaviour before they
-# existed. `to_dict` leaves a field out while it holds that value, so the ids of earlier configs stay valid, and
-# `from_dict` reads a missing field as that value (an old result means the old network), not as the default.
-LEGACY_VALUES: dict[str, Any] = {"caps_init": "fan_in", "backbone_width": "fixed"}
+# existed (defined with the results contract, which reads old files by it). `to_dict` leaves a field out while it
+# holds that value, so the ids of earlier configs stay valid, and `from_dict` reads a missing field as that value
+# (an old result means the old network), not as the default.
+LEGACY_VALUES: dict[str, Any] = LEGACY_MODEL_VALUES
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:

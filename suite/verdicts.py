@@ -31,8 +31,7 @@ from capsbench.claims import (
     mean_inactive_fraction,
     routed_fractions,
 )
-from capsbench.models.config import LEGACY_VALUES
-from capsbench.results import Status
+from capsbench.results import Status, model_value
 
 RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
@@ -243,8 +242,8 @@ def _dims(configs: list[dict], claim: Claim) -> list[Stratum]:
         if 8 not in by_dim or 16 not in by_dim:
             continue
         small, large = by_dim[8], by_dim[16]
-        # A config dict leaves out a field at its legacy value (models.config.LEGACY_VALUES): no caps_init is fan_in.
-        init = large["config"]["model"].get("caps_init", LEGACY_VALUES["caps_init"])
+        # A config dict leaves out a field at its legacy value (results.LEGACY_MODEL_VALUES): no caps_init is fan_in.
+        init = model_value(large["config"]["model"], "caps_init")
         s = strata.setdefault(
             init, Stratum(claim, f"init {init}", "the same capsule count, depth and seed at d = 8")
         )
