@@ -6,7 +6,6 @@ from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.stages import ExportSettings
-from capsbench.suite.stages.export import PARITY_IMAGES, format_export_table
 
 
 def register(sub) -> None:
@@ -28,8 +27,8 @@ def register(sub) -> None:
     p.add_argument(
         "--parity-images",
         type=options.positive_int,
-        default=PARITY_IMAGES,
-        help=f"test images for the parity check (default: {PARITY_IMAGES})",
+        default=ExportSettings.parity_images,
+        help=f"test images for the parity check (default: {ExportSettings.parity_images})",
     )
     p.add_argument("--force", action="store_true", help="re-export finished configs")
     p.set_defaults(func=run)
@@ -50,3 +49,27 @@ def run(args) -> int:
     print(format_export_table([row for c in configs for row in result.results[c.id].get("export", [])]))
     print(f"results: {out}")
     return result.exit_code
+
+
+def format_export_table(rows: list[dict]) -> str:
+    head = (
+        f"{'config':<11}{'variant':<24}{'status':<15}{'nodes':>6}{'MB':>7}{'max abs err':>13}{'max rel err':>13}"
+        f"{'agree':>7}{'ties':>6}  label"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("nodes") is None:
+            lines.append(
+                f"{r['config_id']:<11}{r.get('variant', '-'):<8}{r['status']:<15}  {r.get('error', '')}"
+            )
+            continue
+        err = f"{r['max_abs_err']:.2e}" if r.get("max_abs_err") is not None else "-"
+        rel = f"{r['max_rel_err']:.2e}" if r.get("max_rel_err") is not None else "-"
+        agree = f"{r['argmax_agreement']:.3f}" if r.get("argmax_agreement") is not None else "-"
+        lines.append(
+            f"{r['config_id']:<11}{r['variant']:<24}{r['status']:<15}{r['nodes']:>6}"
+            f"{r['file_bytes'] / 1e6:>7.2f}{err:>13}{rel:>13}{agree:>7}{r.get('near_ties', 0):>6}  {r['label']}"
+        )
+        if r.get("error"):
+            lines.append(f"{'':<11}{r['error']}")
+    return "\n".join(lines)
