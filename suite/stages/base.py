@@ -19,8 +19,8 @@ from capsbench.suite.prune_settings import PruneSettings
 if TYPE_CHECKING:
     import torch
 
+    from capsbench.export.timing import TimeSettings
     from capsbench.suite.presets import RunConfig
-    from capsbench.suite.stages.time import TimeSettings
     from capsbench.suite.train import Splits
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -53,7 +53,7 @@ class ReportSettings:
 
 
 def _time_settings() -> TimeSettings:
-    from capsbench.suite.stages.time import TimeSettings  # that module imports this one
+    from capsbench.export.timing import TimeSettings  # imported when needed: it loads torch
 
     return TimeSettings()
 
