@@ -110,6 +110,8 @@ def _draw_series(ax, s: Series, chart_id: str, a: int, i: int, band: bool, log_y
         mean = [max(m, LOG_FLOOR) for m in mean]
     (line,) = ax.plot(s.x, mean, ls=ls, marker=marker, color=s.color, label=s.label, clip_on=False)
     line.set_gid(f"data-{chart_id}-a{a}-s{i}")
+    lo: list[float] | None
+    hi: list[float] | None
     if s.lo is not None and s.hi is not None:
         lo, hi = s.lo, s.hi
     elif s.seeds > 1:
@@ -188,7 +190,8 @@ def panels(
     chart_id: str, specs: Sequence[Panel], size: tuple[float, float] = (9.6, 3.5), legend: bool = True
 ) -> str:
     """Line charts side by side: each series' mean over seeds with markers, the spread as error bars or a band."""
-    with matplotlib.rc_context(STYLE):
+    # STYLE's keys are rcParams names; matplotlib's stubs want a dict keyed by their Literal of every name.
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]
         fig = Figure(figsize=size)
         axes = fig.subplots(1, len(specs), squeeze=False)[0]
         for a, (ax, p) in enumerate(zip(axes, specs, strict=True)):
@@ -224,7 +227,8 @@ def scatter_chart(
     size: tuple[float, float] = (5.6, 3.6),
 ) -> str:
     """Labelled points, one marker style per group (unpruned, pruned, controls); arrows parent -> pruned."""
-    with matplotlib.rc_context(STYLE):
+    # STYLE's keys are rcParams names; matplotlib's stubs want a dict keyed by their Literal of every name.
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]
         fig = Figure(figsize=size)
         ax = fig.subplots()
         _mark_axes(ax, chart_id, 0)

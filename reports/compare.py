@@ -298,14 +298,14 @@ def compare_runs(run_dir: Path, baseline_dir: Path, tol: Tolerances | None = Non
                 if br[key].get("gemm_fraction") is None or cr[key].get("gemm_fraction") is None:
                     continue
                 # gemm_fraction ~ gemm_p50 / p50: (gemm_c / p50_c) / (gemm_b / p50_b)
-                terms = [(cg, 1), (cr[key], -1), (bg, -1), (br[key], 1)]
+                gemm_terms = [(cg, 1), (cr[key], -1), (bg, -1), (br[key], 1)]
                 gate(
                     c["id"],
                     f"gemm_fraction[{_key(key)}]",
                     br[key]["gemm_fraction"],
                     cr[key]["gemm_fraction"],
                     drop,
-                    latency_gate(terms, tol.speedup_drop, higher_is_better=True),
+                    latency_gate(gemm_terms, tol.speedup_drop, higher_is_better=True),
                     "fraction of the GEMM rate measured in the same run",
                 )
     missing = sorted(set(base_by_id) - {c["id"] for c in cur["configs"]})

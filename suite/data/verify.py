@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from capsbench.results import StrEnum
 from capsbench.suite.data.registry import (
@@ -33,8 +34,12 @@ def _split_checksum(checksum: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _open_content(path: Path, unwrap_gzip: bool) -> Iterator[IO[bytes]]:
-    """Open a file for reading its content: through gunzip when it is gzip-wrapped and that is allowed."""
+def _open_content(path: Path, unwrap_gzip: bool) -> Iterator[io.BufferedIOBase]:
+    """Open a file for reading its content: through gunzip when it is gzip-wrapped and that is allowed.
+
+    The stream is a buffered binary reader either way (the open file, or a GzipFile over it), which is
+    what the common type says: GzipFile is no `IO[bytes]`.
+    """
     with open(path, "rb") as raw:
         if unwrap_gzip and raw.read(2) == _GZIP_MAGIC:
             raw.seek(0)
@@ -45,7 +50,7 @@ def _open_content(path: Path, unwrap_gzip: bool) -> Iterator[IO[bytes]]:
             yield raw
 
 
-def _digest_stream(stream: IO[bytes], algo: str) -> tuple[str, int]:
+def _digest_stream(stream: io.BufferedIOBase, algo: str) -> tuple[str, int]:
     h = hashlib.new(algo)
     n = 0
     while chunk := stream.read(_CHUNK):

@@ -149,16 +149,18 @@ def ensure_base_image(
             raise DockerError(f"debootstrap {suite} failed:\n{_tail(res.stdout, 8)}")
         repo, version = _split_tag(tag)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        archive = tar.stdout
+        assert archive is not None, "stdout=PIPE gives the process a stdout pipe"
         try:
             c.api.import_image(
-                src=iter(lambda: tar.stdout.read(1 << 20), b""),
+                src=iter(lambda: archive.read(1 << 20), b""),
                 repository=repo,
                 tag=version,
                 changes=["ENV LANG=C.UTF-8"],
                 stream_src=True,
             )
         finally:
-            tar.stdout.close()
+            archive.close()
             tar.wait()
     log(f"base image {tag}: built in {time.perf_counter() - t0:.0f} s")
     return True
@@ -230,7 +232,8 @@ def build_image(
             shutil.copytree(src, wheels)
             log(f"wheelhouse: {src} -> {wheels}")
         else:
-            python = image_python(c, builder_image or base_image) if (builder_image or base_image) else None
+            source_image = builder_image or base_image
+            python = image_python(c, source_image) if source_image else None
             prepare_wheelhouse(wheels, image_requirements(root, torch, ort), python, log=log)
         args["WHEELHOUSE"] = WHEELS.as_posix()
     try:
@@ -270,7 +273,10 @@ def docker_errors():
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
-    return tuple(tag.rsplit(":", 1)) if ":" in tag.split("/")[-1] else (tag, "latest")
+    if ":" not in tag.split("/")[-1]:
+        return tag, "latest"
+    repo, _, version = tag.rpartition(":")
+    return repo, version
 
 
 def _builder_tag(tag: str) -> str:
@@ -294,7 +300,10 @@ def _stream_build(
 ) -> tuple[str, list[str]]:
     """Run the build, logging its output; returns the image id and the ids of the stages before the last."""
     t0 = time.perf_counter()
-    image_id, last, layer, stages = None, [], None, []
+    image_id: str | None = None
+    last: list[str] = []  # the last lines of output, shown when the build fails
+    layer: str | None = None
+    stages: list[str] = []
     try:
         chunks = c.api.build(
             path=str(root),

@@ -22,9 +22,13 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from capsbench.results import PipelineStatus, StageStatus
 from capsbench.suite.errors import CapsbenchError
+
+if TYPE_CHECKING:
+    from capsbench.suite.runner import Outcome
 
 INSTALL_HINT = "--executor ray needs Ray, which is not installed: pip install 'capsbench[ray]'"
 DRIVER_STAGES = ("time", "cpp")  # timing, never beside other work: on the driver after every chain
@@ -96,12 +100,12 @@ def execute(
     check_installed()
     chain = [n for n in names if n not in DRIVER_STAGES]
     timing = [n for n in names if n in DRIVER_STAGES]
-    outcomes: dict[str, object] = {}
+    outcomes: dict[str, Outcome] = {}
     if chain and configs:
         outcomes = _run_chains(configs, chain, run_one, log, address, max_retries)
     if timing:
         log(f"timing phase on the driver: {' '.join(timing)} for {len(configs)} configs, one after another")
-    result = []
+    result: list[Outcome] = []
     for i, cfg in enumerate(configs, 1):
         outcome = outcomes.get(cfg.id)
         if timing and (outcome is None or not _gate_failed(outcome)):
@@ -145,8 +149,12 @@ def _submit(configs, chain, run_one, log, max_retries) -> dict:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 0))
     task_cpus = cpus_per_task(cpus, gpus)
-    per_task = {"num_gpus": 1, "num_cpus": task_cpus} if gpus else {"num_cpus": task_cpus}
-    task = ray.remote(max_retries=max_retries, retry_exceptions=False, **per_task)(_chain)
+    # num_gpus only where the cluster has GPUs; keywords spelt out (not a **dict) to match ray.remote's overloads.
+    if gpus:
+        remote = ray.remote(num_gpus=1, num_cpus=task_cpus, max_retries=max_retries, retry_exceptions=False)
+    else:
+        remote = ray.remote(num_cpus=task_cpus, max_retries=max_retries, retry_exceptions=False)
+    task = remote(_chain)
     log(
         f"ray: {len(configs)} configs ({' -> '.join(chain)}) on a cluster of {cpus} CPUs and {gpus} GPUs, "
         f"{'one GPU and ' if gpus else ''}{task_cpus} CPU(s) (threads) per config, up to {max_retries} retries"
