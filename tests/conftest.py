@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,23 +94,29 @@ def smoke_all_args() -> list[str]:
     return list(SMOKE_ALL_ARGS)
 
 
+def smoke_argv(runs: Path | str, data_dir: Path | str, *extra: str) -> list[str]:
+    """The options a test's command on the smoke preset starts with: where the run goes and the real data."""
+    return ["--preset", "smoke", "--runs-dir", str(runs), "--data-dir", str(data_dir), *extra]
+
+
+def one_epoch_argv(train_images: int, eval_images: int) -> list[str]:
+    """One epoch on a few real images: training short enough for a test, long enough to learn something."""
+    return ["--epochs", "1", "--train-subset", str(train_images), "--eval-subset", str(eval_images)]
+
+
+@pytest.fixture(scope="session")
+def argv() -> SimpleNamespace:
+    """The argument builders above for tests (which cannot import conftest): argv.smoke(runs, data_dir, ...),
+    argv.one_epoch(train_images, eval_images)."""
+    return SimpleNamespace(smoke=smoke_argv, one_epoch=one_epoch_argv)
+
+
 @pytest.fixture(scope="session")
 def smoke_all_run(tmp_path_factory, fashion_data_dir) -> Path:
     """`capsbench all --preset smoke` once per session on the real data (short timing settings)."""
     from capsbench.suite.cli import main
 
     runs = tmp_path_factory.mktemp("all")
-    code = main(
-        [
-            "all",
-            "--preset",
-            "smoke",
-            "--runs-dir",
-            str(runs),
-            "--data-dir",
-            str(fashion_data_dir),
-            *SMOKE_ALL_ARGS,
-        ]
-    )
+    code = main(["all", *smoke_argv(runs, fashion_data_dir, *SMOKE_ALL_ARGS)])
     assert code == 0, "capsbench all --preset smoke failed; see its output above"
     return runs / "smoke"

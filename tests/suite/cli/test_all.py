@@ -85,12 +85,7 @@ def _all_cmd(runs: Path, data_dir: Path, *extra: str) -> list[str]:
         "-m",
         "capsbench.suite.cli",
         "all",
-        "--preset",
-        "smoke",
-        "--runs-dir",
-        str(runs),
-        "--data-dir",
-        str(data_dir),
+        *["--preset", "smoke", "--runs-dir", str(runs), "--data-dir", str(data_dir)],  # fmt: skip
         "--batch-sizes",
         "1",
         "8",
@@ -186,7 +181,7 @@ def test_all_killed_during_timing_resumes_without_redoing_finished_stages(
 
 
 @pytest.mark.slow
-def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli):
+def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli, argv):
     real_loss = training.margin_loss
     calls = {"n": 0}
 
@@ -199,18 +194,8 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     run = cli(
         [
             "all",
-            "--preset",
-            "smoke",
-            "--runs-dir",
-            str(tmp_path),
-            "--data-dir",
-            str(fashion_data_dir),
-            "--epochs",
-            "1",
-            "--train-subset",
-            "400",
-            "--eval-subset",
-            "200",
+            *argv.smoke(tmp_path, fashion_data_dir),
+            *argv.one_epoch(400, 200),
             "--only",
             "train",
             "report",
@@ -231,7 +216,7 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
 
 
 @pytest.mark.slow
-def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir, cli):
+def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir, cli, argv):
     run = cli(
         [
             "all",
@@ -243,12 +228,7 @@ def test_seeds_option_trains_each_config_with_n_seeds(tmp_path, fashion_data_dir
             str(tmp_path),
             "--data-dir",
             str(fashion_data_dir),
-            "--epochs",
-            "1",
-            "--train-subset",
-            "300",
-            "--eval-subset",
-            "100",
+            *argv.one_epoch(300, 100),
             "--seeds",
             "2",
             "--only",

@@ -23,7 +23,7 @@ DEEP = next(c for c in SMOKE if c.model.depth >= 3)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(smoke_all_run, tmp_path_factory, fashion_data_dir):
+def smoke_run(smoke_all_run, tmp_path_factory, fashion_data_dir, argv):
     """The smoke preset's nets as the session trained them once (`capsbench all --preset smoke`, the same
     train stage), copied, then `capsbench train --preset smoke` over the copy: the run folder and its exit code.
     Training them a second time here cost CI minutes and tested the same code on the same configs."""
@@ -32,12 +32,7 @@ def smoke_run(smoke_all_run, tmp_path_factory, fashion_data_dir):
     code = main(
         [
             "train",
-            "--preset",
-            "smoke",
-            "--runs-dir",
-            str(runs),
-            "--data-dir",
-            str(fashion_data_dir),
+            *argv.smoke(runs, fashion_data_dir),
             "--no-progress",
         ]
     )
@@ -97,18 +92,13 @@ def test_deep_net_health_reports_every_routed_layer(smoke_run):
         assert len(layer["per_capsule_mean"]) == layer["num_capsules"]
 
 
-def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, cli):
+def test_rerun_skips_finished_configs(smoke_run, fashion_data_dir, cli, argv):
     run_dir, _ = smoke_run
     before = (run_dir / SHALLOW.id / "checkpoint.pt").stat().st_mtime_ns
     rerun = cli(
         [
             "train",
-            "--preset",
-            "smoke",
-            "--runs-dir",
-            str(run_dir.parent),
-            "--data-dir",
-            str(fashion_data_dir),
+            *argv.smoke(run_dir.parent, fashion_data_dir),
             "--no-progress",
             "--configs",
             SHALLOW.id,
@@ -207,7 +197,7 @@ def test_training_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, fashio
 
 
 @pytest.mark.slow
-def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli):
+def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data_dir, monkeypatch, cli, argv):
     real_loss = training.margin_loss
     calls = {"n": 0}
 
@@ -220,18 +210,8 @@ def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     train = cli(
         [
             "train",
-            "--preset",
-            "smoke",
-            "--runs-dir",
-            str(tmp_path),
-            "--data-dir",
-            str(fashion_data_dir),
-            "--epochs",
-            "1",
-            "--train-subset",
-            "600",
-            "--eval-subset",
-            "200",
+            *argv.smoke(tmp_path, fashion_data_dir),
+            *argv.one_epoch(600, 200),
             "--no-progress",
         ]
     )
@@ -243,7 +223,7 @@ def test_diverging_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     assert "diverged" in train.out
 
 
-def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, cli):
+def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, cli, argv):
     cfg = SHALLOW.replace(epochs=1, train_subset=300, eval_subset=100)
     folder = tmp_path / "smoke" / cfg.id
     folder.mkdir(parents=True)
@@ -259,12 +239,7 @@ def test_corrupt_checkpoint_gives_one_clear_line(tmp_path, fashion_data_dir, cli
             str(tmp_path),
             "--data-dir",
             str(fashion_data_dir),
-            "--epochs",
-            "1",
-            "--train-subset",
-            "300",
-            "--eval-subset",
-            "100",
+            *argv.one_epoch(300, 100),
             "--no-progress",
         ]
     )
