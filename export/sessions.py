@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,25 @@ class ExecutionProvider:
     iobinding: bool = False  # whether timing binds device buffers by default
 
 
+_thread_limit: int | None = None  # set by `thread_limit`
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int) -> Iterator[None]:
+    """Within: `default_threads()` is `threads`, for every caller (a task given fewer cores than the machine
+    has, such as a Ray task's reservation); restored on exit."""
+    global _thread_limit
+    saved, _thread_limit = _thread_limit, threads
+    try:
+        yield
+    finally:
+        _thread_limit = saved
+
+
 def default_threads() -> int:
-    """The cores this process may run on (what torch uses by default too)."""
+    """The cores this process may run on (what torch uses by default too), or those `thread_limit` set."""
+    if _thread_limit is not None:
+        return _thread_limit
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

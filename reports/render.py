@@ -794,7 +794,7 @@ def _budgets(configs: list[dict]) -> str:
         cfg, m = c["config"], c["config"]["model"]
         images = cfg.get("train_subset") or "all"
         text = (
-            f"{m.get('caps_init', 'fan_in')} init, {cfg.get('epochs')} epoch(s) on {images} training images"
+            f"{R.model_value(m, 'caps_init')} init, {cfg.get('epochs')} epoch(s) on {images} training images"
         )
         if text not in seen:
             seen.append(text)

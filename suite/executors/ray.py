@@ -56,19 +56,18 @@ def reserved_threads(cpus: int) -> Iterator[None]:
 
     from capsbench.export import sessions
 
-    saved = torch.get_num_threads(), sessions.default_threads, os.environ.get("OMP_NUM_THREADS")
+    saved = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(cpus)
-    sessions.default_threads = lambda: cpus  # make_session looks it up when called
     os.environ["OMP_NUM_THREADS"] = str(cpus)
     try:
-        yield
+        with sessions.thread_limit(cpus):  # every default_threads() caller, not only make_session
+            yield
     finally:
         torch.set_num_threads(saved[0])
-        sessions.default_threads = saved[1]
-        if saved[2] is None:
+        if saved[1] is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
-            os.environ["OMP_NUM_THREADS"] = saved[2]
+            os.environ["OMP_NUM_THREADS"] = saved[1]
 
 
 def _chain(run_one: Callable, cfg, names: list[str], cpus: int = 1):
