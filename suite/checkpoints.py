@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from capsbench.files import atomic_write
 from capsbench.models import CapsNet, CapsNetConfig, build_capsnet
 from capsbench.suite.errors import CheckpointError
-from capsbench.suite.rundir import atomic_write
 
 
 def not_trained_message(cfg: Any, out_dir: Path) -> str:

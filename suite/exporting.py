@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from capsbench.export import ExportError, ParityError, export_onnx, parity
-from capsbench.results import StrEnum
-from capsbench.suite import train as training
-from capsbench.suite.checkpoints import load_model, not_trained_message
-from capsbench.suite.presets import RunConfig
-from capsbench.suite.rundir import (
+from capsbench.results import (
+    StrEnum,
     Variant,
     is_trained,
     present_variants,
@@ -21,6 +18,9 @@ from capsbench.suite.rundir import (
     sha256,
     write_json,
 )
+from capsbench.suite import train as training
+from capsbench.suite.checkpoints import load_model, not_trained_message
+from capsbench.suite.presets import RunConfig
 
 
 class ExportStatus(StrEnum):

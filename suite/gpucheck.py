@@ -473,10 +473,10 @@ def pick_config(preset: str, prefix: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     from capsbench.export import export_onnx, runtime_environment
+    from capsbench.results import write_json
     from capsbench.suite.doctor import cuda_missing, diagnose
     from capsbench.suite.env import environment
     from capsbench.suite.errors import CapsbenchError
-    from capsbench.suite.rundir import write_json
 
     args = build_parser().parse_args(argv)
     missing = cuda_missing()

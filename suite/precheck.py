@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from capsbench import results as R
 from capsbench.models import build_capsnet
 from capsbench.models.health import init_health
 from capsbench.models.precheck import gradient_rms, layer_gains, predicted_lengths
-from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.presets import RunConfig
 
@@ -87,8 +87,8 @@ def precheck_config(cfg: RunConfig, splits: training.Splits, device: torch.devic
 
 
 def write_precheck(run_dir: Path, rows: list[dict], preset: str | None) -> Path:
-    return rundir.write_json(
-        Path(run_dir) / rundir.PRECHECK_FILE,
+    return R.write_json(
+        Path(run_dir) / R.PRECHECK_FILE,
         "precheck",
         {"preset": preset, "rule": PLACEMENT_RULE, "adam_eps": ADAM_EPS, "configs": rows},
     )

@@ -14,28 +14,29 @@ from typing import Any
 
 import torch
 
+from capsbench import results as R
+from capsbench.files import atomic_write
 from capsbench.models import CapsNet, build_capsnet
 from capsbench.models.health import capsule_health, init_health
 from capsbench.models.pruning import count_flops, graft_capsule_layers, prune_capsnet, score_capsnet
-from capsbench.results import Status
-from capsbench.suite import rundir
+from capsbench.results import (
+    HEALTH_PRUNED_FILE,
+    PRUNE_FILE,
+    PRUNED_FILE,
+    SURGERY_FILE,
+    SWEEP_FILE,
+    Status,
+    read_result,
+    write_json,
+)
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_torch, save_torch
 from capsbench.suite.env import environment
 from capsbench.suite.errors import CheckpointError, ConfigError
 from capsbench.suite.presets import RunConfig
 from capsbench.suite.prune_settings import PruneVariant
-from capsbench.suite.rundir import (
-    HEALTH_PRUNED_FILE,
-    PRUNE_FILE,
-    PRUNED_FILE,
-    SURGERY_FILE,
-    SWEEP_FILE,
-    read_result,
-    write_json,
-)
 
-FINETUNE_FILES = training.StageFiles(checkpoint=rundir.FINETUNE_CHECKPOINT, metrics=rundir.FINETUNE_METRICS)
+FINETUNE_FILES = training.StageFiles(checkpoint=R.FINETUNE_CHECKPOINT, metrics=R.FINETUNE_METRICS)
 SCORE_BATCH = 128
 INIT_HEALTH_IMAGES = 512  # training images the health at initialisation is measured on
 RANDOM_CONTROL_SEED = 7_000_000  # + config seed: the random control's draw differs from every init's
@@ -103,7 +104,7 @@ class TrainedBase:
         if depth not in self._siblings:
             cfg = self.cfg.replace(intermediate=self.cfg.model.intermediate[:depth])
             out = self.out_dir.parent / cfg.id
-            if not rundir.is_trained(out):
+            if not R.is_trained(out):
                 raise CheckpointError(
                     f"the authors' procedure builds config {self.cfg.id} on its depth-{depth} net, config {cfg.id}, "
                     f"which is not trained in {out.parent}: train it first (a preset whose grid has depth {depth}, "
@@ -115,12 +116,12 @@ class TrainedBase:
     @property
     def model(self) -> CapsNet:
         if self._model is None:
-            if not rundir.is_trained(self.out_dir):
+            if not R.is_trained(self.out_dir):
                 raise CheckpointError(
                     f"{self.out_dir}: config {self.cfg.id} has no finished training; run 'capsbench train' "
                     "with the same preset and options first"
                 )
-            ckpt = self.out_dir / rundir.CHECKPOINT_FILE
+            ckpt = self.out_dir / R.CHECKPOINT_FILE
             self._model = training.load_model(self.cfg, ckpt).to(self.device).eval()
         return self._model
 
@@ -194,13 +195,9 @@ def prune_config(
     finetune, pruned = None, None
     if control == "extra_training" and variant.procedure != "authors":
         # Resume the base's own checkpoint (weights, optimizer, schedule) for F more epochs.
-        if not (sub / FINETUNE_FILES.checkpoint).is_file() and not rundir.is_trained(
-            out_dir, files_here.metrics
-        ):
-            src = out_dir / rundir.CHECKPOINT_FILE
-            rundir.atomic_write(
-                sub / FINETUNE_FILES.checkpoint, lambda f: f.write(src.read_bytes()), mode="wb"
-            )
+        if not (sub / FINETUNE_FILES.checkpoint).is_file() and not R.is_trained(out_dir, files_here.metrics):
+            src = out_dir / R.CHECKPOINT_FILE
+            atomic_write(sub / FINETUNE_FILES.checkpoint, lambda f: f.write(src.read_bytes()), mode="wb")
         epochs = variant.total_epochs
     else:
         pruned = training.model_from_state(state, cfg.model)

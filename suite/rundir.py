@@ -1,5 +1,5 @@
 """The run folder's locks and config folders. Its contract (file names, each stage's files, reading and writing
-results) is capsbench/results.py, re-exported here so the suite's stages name it in one place: `rundir.X`.
+results) is capsbench/results.py, which every module imports from directly.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from capsbench.files import atomic_write  # noqa: F401 (the writer of every result file)
-from capsbench.results import *  # noqa: F403 (the results contract)
 from capsbench.results import LOCKS_DIR
 from capsbench.suite.errors import CheckpointError
 

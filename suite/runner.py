@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsbench.results import PipelineStatus, StageStatus
+from capsbench.files import atomic_write
+from capsbench.results import (
+    ERROR_FILE,
+    PIPELINE_FILE,
+    RUN_FILE,
+    PipelineStatus,
+    StageStatus,
+    read_if_valid,
+    write_json,
+)
 from capsbench.suite import rundir, stages
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CapsbenchError, os_error_message
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.rundir import ERROR_FILE, PIPELINE_FILE, RUN_FILE, config_dir, read_if_valid, write_json
+from capsbench.suite.rundir import config_dir
 from capsbench.suite.stages import Context, Settings, Stage
 from capsbench.suite.stages.base import (
     isolated_torch_state,
@@ -237,7 +246,7 @@ def _run_config_locked(cfg, names, run_dir, settings, data_dir, log, shared, spl
             save(PipelineStatus.RUNNING)
     failed = save()
     if tracebacks:
-        rundir.atomic_write(out / ERROR_FILE, lambda f, t=tracebacks: f.write("\n".join(t)))
+        _write_tracebacks(out / ERROR_FILE, tracebacks)
     elif not failed:
         (out / ERROR_FILE).unlink(missing_ok=True)
     return outcome
@@ -304,4 +313,9 @@ def _run_level(run_dir, result, selected, settings, run_info, device, log, share
             result.results.setdefault("", {})[stage.name] = value
         else:
             result.failures.append(Failure(None, stage.name, value))
-            rundir.atomic_write(run_dir / ERROR_FILE, lambda f, t=tb: f.write("\n".join(t)))
+            _write_tracebacks(run_dir / ERROR_FILE, tb)
+
+
+def _write_tracebacks(path: Path, tracebacks: list[str]) -> None:
+    text = "\n".join(tracebacks)
+    atomic_write(path, lambda f: f.write(text))

@@ -20,21 +20,21 @@ from capsbench.models import CapsNet, build_capsnet, margin_loss, reconstruction
 from capsbench.models.health import capsule_health
 from capsbench.models.losses import ccm_loss
 from capsbench.models.pruning import FeatureMaps, backbone_blocks
-from capsbench.results import Status
+from capsbench.results import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HEALTH_FILE,
+    METRICS_FILE,
+    Status,
+    is_trained,
+    read_result,
+    write_json,
+)
 from capsbench.suite import data as datasets
 from capsbench.suite.checkpoints import load_model, model_from_state, read_checkpoint, save_torch
 from capsbench.suite.env import environment, pick_device
 from capsbench.suite.errors import CheckpointError, ConfigError, DivergenceError
 from capsbench.suite.presets import RunConfig
-from capsbench.suite.rundir import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    HEALTH_FILE,
-    METRICS_FILE,
-    is_trained,
-    read_result,
-    write_json,
-)
 
 __all__ = ["CheckpointError", "load_model", "model_from_state", "read_checkpoint", "is_trained"]
 EVAL_BATCH = 500

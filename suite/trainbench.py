@@ -20,11 +20,10 @@ from torch import nn
 from capsbench.export.latency import _tf32_knobs, fp32_torch, gemm_gflops
 from capsbench.models import CapsNet, build_capsnet, margin_loss, reconstruction_loss
 from capsbench.models.pruning import flop_breakdown
-from capsbench.results import RowStatus
+from capsbench.results import RowStatus, write_json
 from capsbench.suite import data as datasets
 from capsbench.suite.env import environment
 from capsbench.suite.presets import RunConfig, get_preset
-from capsbench.suite.rundir import write_json
 from capsbench.suite.train import autocast
 
 TRAIN_BENCH_FILE = "train_bench.json"

@@ -400,7 +400,7 @@ def verdicts(configs: list[dict]) -> dict:
 def write_verdicts(run_dir: Path) -> Path:
     """Read a run folder's results, test the claims, write verdicts.json at its root; returns its path."""
     from capsbench.reports.load import load_run
-    from capsbench.suite.rundir import VERDICTS_FILE, write_json
+    from capsbench.results import VERDICTS_FILE, write_json
 
     run_dir = Path(run_dir)
     return write_json(run_dir / VERDICTS_FILE, "verdicts", verdicts(load_run(run_dir)["configs"]))

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from capsbench import results as rundir
+from capsbench import results as R
+from capsbench.files import atomic_write
 from capsbench.results import ResultError
 
 
@@ -28,63 +29,63 @@ def test_the_contract_and_the_reports_import_neither_torch_nor_the_suite():
 
 
 def test_results_are_written_world_readable_with_schema_version_and_no_temp_file(tmp_path):
-    path = rundir.write_json(tmp_path / "a" / "metrics.json", "metrics", {"status": "complete"})
+    path = R.write_json(tmp_path / "a" / "metrics.json", "metrics", {"status": "complete"})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
-    assert json.loads(path.read_text())["schema_version"] == rundir.SCHEMA_VERSION
-    assert rundir.read_result(path, "metrics")["status"] == "complete"
+    assert json.loads(path.read_text())["schema_version"] == R.SCHEMA_VERSION
+    assert R.read_result(path, "metrics")["status"] == "complete"
     assert os.listdir(path.parent) == ["metrics.json"]
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
-    path = rundir.write_json(tmp_path / "metrics.json", "metrics", {"status": "complete"})
+    path = R.write_json(tmp_path / "metrics.json", "metrics", {"status": "complete"})
 
     def half_then_fail(f):
         f.write('{"half')
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        rundir.atomic_write(path, half_then_fail)
-    assert rundir.read_result(path, "metrics")["status"] == "complete"
+        atomic_write(path, half_then_fail)
+    assert R.read_result(path, "metrics")["status"] == "complete"
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_unknown_kind_newer_schema_and_broken_json_are_refused(tmp_path):
-    path = rundir.write_json(tmp_path / "x.json", "metrics", {})
+    path = R.write_json(tmp_path / "x.json", "metrics", {})
     with pytest.raises(ResultError, match="expected a 'health' result"):
-        rundir.read_result(path, "health")
-    path.write_text(json.dumps({"kind": "metrics", "schema_version": rundir.SCHEMA_VERSION + 1}))
+        R.read_result(path, "health")
+    path.write_text(json.dumps({"kind": "metrics", "schema_version": R.SCHEMA_VERSION + 1}))
     with pytest.raises(ResultError, match="newer than this capsbench"):
-        rundir.read_result(path, "metrics")
+        R.read_result(path, "metrics")
     path.write_text("{")
-    assert rundir.read_if_valid(path, "metrics") is None
-    assert not rundir.is_trained(tmp_path)
+    assert R.read_if_valid(path, "metrics") is None
+    assert not R.is_trained(tmp_path)
 
 
 def test_variants_are_the_trained_net_then_one_per_pruning_folder(tmp_path):
-    (tmp_path / rundir.CHECKPOINT_FILE).write_bytes(b"")
-    sub = tmp_path / rundir.prune_dir_name("chip", 0.5, 0.25)
+    (tmp_path / R.CHECKPOINT_FILE).write_bytes(b"")
+    sub = tmp_path / R.prune_dir_name("chip", 0.5, 0.25)
     sub.mkdir()
-    (sub / rundir.PRUNED_FILE).write_bytes(b"")
-    (tmp_path / rundir.PRUNED_FILE).write_bytes(b"")  # a config-level pruned.pt is not a variant (any more)
-    variants = rundir.present_variants(tmp_path)
+    (sub / R.PRUNED_FILE).write_bytes(b"")
+    (tmp_path / R.PRUNED_FILE).write_bytes(b"")  # a config-level pruned.pt is not a variant (any more)
+    variants = R.present_variants(tmp_path)
     assert [v.name for v in variants] == ["model", "prune_chip_b0.50_c0.25"]
     assert variants[1].onnx == "prune_chip_b0.50_c0.25/model.onnx"
-    assert rundir.exported_variants(tmp_path) == []
+    assert R.exported_variants(tmp_path) == []
 
 
 def test_every_file_a_real_run_writes_is_named_by_the_contract(smoke_all_run):
     """A stage that writes a file the contract does not name (or names it differently) would leave it out of
     pipeline.json's hashes and of the reports: every file of a real `capsbench all` run matches a pattern of
     the contract, and every stage's required files are there."""
-    patterns = {p for files in rundir.STAGE_FILES.values() for p in files.writes + files.required}
+    patterns = {p for files in R.STAGE_FILES.values() for p in files.writes + files.required}
     patterns |= {
-        rundir.RUN_FILE,  # the runner's own record of the run
-        rundir.PIPELINE_FILE,
-        rundir.SWEEP_GLOB,
-        rundir.in_pruned(rundir.FINETUNE_METRICS),
-        f"{rundir.LOCKS_DIR}/*",
+        R.RUN_FILE,  # the runner's own record of the run
+        R.PIPELINE_FILE,
+        R.SWEEP_GLOB,
+        R.in_pruned(R.FINETUNE_METRICS),
+        f"{R.LOCKS_DIR}/*",
     }
-    configs = rundir.config_dirs(smoke_all_run)
+    configs = R.config_dirs(smoke_all_run)
     assert configs, "the smoke run has no config folders"
     unnamed = []
     for path in sorted(p for p in smoke_all_run.rglob("*") if p.is_file()):
@@ -95,7 +96,7 @@ def test_every_file_a_real_run_writes_is_named_by_the_contract(smoke_all_run):
     assert unnamed == []
     for cid, folder in configs.items():
         for stage in ("train", "health", "export"):
-            for pattern in rundir.STAGE_FILES[stage].required:
+            for pattern in R.STAGE_FILES[stage].required:
                 assert list(folder.glob(pattern)), f"{cid}: {stage} left no {pattern}"
 
 
@@ -111,8 +112,8 @@ def test_result_files_that_are_not_utf8_objects_are_refused_cleanly(tmp_path, co
     path = tmp_path / "metrics.json"
     path.write_bytes(content)
     with pytest.raises(ResultError, match=message):
-        rundir.read_result(path, "metrics")
-    assert rundir.read_if_valid(path, "metrics") is None
+        R.read_result(path, "metrics")
+    assert R.read_if_valid(path, "metrics") is None
 
 
 def test_statuses_are_the_strings_old_files_hold():
@@ -121,11 +122,11 @@ def test_statuses_are_the_strings_old_files_hold():
     from capsbench.claims import VERDICTS, Verdict
 
     payload = {
-        "status": rundir.Status.PARITY_FAILED,
-        "rows": [{"status": rundir.RowStatus.ERROR}],
-        rundir.CheckStatus.NO_HISTORY: [
-            rundir.PipelineStatus.RUNNING,
-            rundir.StageStatus.OK,
+        "status": R.Status.PARITY_FAILED,
+        "rows": [{"status": R.RowStatus.ERROR}],
+        R.CheckStatus.NO_HISTORY: [
+            R.PipelineStatus.RUNNING,
+            R.StageStatus.OK,
             Verdict.DID_NOT_HOLD,
         ],
     }
@@ -135,8 +136,8 @@ def test_statuses_are_the_strings_old_files_hold():
         '"no_history": ["running", "ok", "did not hold"]}'
     )
     back = json.loads(text)
-    assert back["status"] == rundir.Status.PARITY_FAILED
-    assert back["rows"][0]["status"] == rundir.RowStatus.ERROR
-    assert f"{rundir.Status.COMPLETE}|{rundir.CheckStatus.NOT_GATED:<10}|" == "complete|not_gated |"
-    assert str(Verdict.HELD) == "held" and {rundir.StageStatus.FAILED: 1}["failed"] == 1
+    assert back["status"] == R.Status.PARITY_FAILED
+    assert back["rows"][0]["status"] == R.RowStatus.ERROR
+    assert f"{R.Status.COMPLETE}|{R.CheckStatus.NOT_GATED:<10}|" == "complete|not_gated |"
+    assert str(Verdict.HELD) == "held" and {R.StageStatus.FAILED: 1}["failed"] == 1
     assert VERDICTS == ("held", "did not hold", "inconclusive", "not testable")

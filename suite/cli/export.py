@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from capsbench import results as R
 from capsbench.suite import rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
@@ -37,7 +38,7 @@ def register(sub) -> None:
 def run(args) -> int:
     configs = options.select_configs(args)
     out = options.run_dir(args)
-    if not any(rundir.is_trained(rundir.config_dir(out, c)) for c in configs):
+    if not any(R.is_trained(rundir.config_dir(out, c)) for c in configs):
         raise CheckpointError(
             f"{out}: none of the {len(configs)} selected configs is trained yet; "
             f"run 'capsbench train --preset {args.preset}' first"

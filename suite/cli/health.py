@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capsbench.suite import rundir
+from capsbench import results as R
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.presets import RunConfig
@@ -25,7 +25,7 @@ def register(sub) -> None:
         default=None,
         help="inactive threshold (default: the config's, 0.01)",
     )
-    p.add_argument("--output", default=rundir.HEALTH_FILE, help="file name to write in each config folder")
+    p.add_argument("--output", default=R.HEALTH_FILE, help="file name to write in each config folder")
     options.add_data_dir(p)
     options.add_device(p)
     p.set_defaults(func=run)
@@ -33,20 +33,18 @@ def register(sub) -> None:
 
 def run(args) -> int:
     folder = Path(args.run_dir)
-    dirs = (
-        sorted(d for d in folder.iterdir() if (d / rundir.CONFIG_FILE).is_file()) if folder.is_dir() else []
-    )
+    dirs = sorted(d for d in folder.iterdir() if (d / R.CONFIG_FILE).is_file()) if folder.is_dir() else []
     if not dirs:
         raise CheckpointError(f"{args.run_dir}: no trained configs here; run 'capsbench train' first")
     configs = []
     for d in dirs:
-        cfg = RunConfig.from_dict(rundir.read_result(d / rundir.CONFIG_FILE, "config")["config"])
+        cfg = RunConfig.from_dict(R.read_result(d / R.CONFIG_FILE, "config")["config"])
         if cfg.id != d.name:  # config.json edited by hand: measuring it would write into a new, stray folder
             raise CheckpointError(
-                f"{d / rundir.CONFIG_FILE}: describes config {cfg.id}, not {d.name} (the folder it is in); it was "
+                f"{d / R.CONFIG_FILE}: describes config {cfg.id}, not {d.name} (the folder it is in); it was "
                 "edited: restore it, or train the edited config with 'capsbench train'"
             )
-        if rundir.is_trained(d):
+        if R.is_trained(d):
             configs.append(cfg)
         else:
             print(f"{cfg.id}: not trained (or failed), skipped")

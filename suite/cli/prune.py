@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from capsbench import results as R
 from capsbench.suite import pruning, rundir
 from capsbench.suite.cli import options
 from capsbench.suite.errors import CheckpointError, ConfigError
@@ -92,7 +93,7 @@ def run(args) -> int:
     configs = options.select_configs(args)
     run_dir = options.run_dir(args)
     folders = {c.id: rundir.config_dir(run_dir, c) for c in configs}
-    untrained = [c for c in configs if not (folders[c.id] / rundir.METRICS_FILE).is_file()]
+    untrained = [c for c in configs if not (folders[c.id] / R.METRICS_FILE).is_file()]
     if untrained:
         raise CheckpointError(
             f"{len(untrained)} of {len(configs)} configs are not trained in {run_dir} "
@@ -101,7 +102,7 @@ def run(args) -> int:
         )
     trained = []
     for cfg in configs:
-        if rundir.is_trained(folders[cfg.id]):
+        if R.is_trained(folders[cfg.id]):
             trained.append(cfg)
         else:
             print(f"{cfg.id}: its training did not finish (see metrics.json), skipped")

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from capsbench import results as R
 from capsbench.results import RowStatus, StageStatus, Status
 from capsbench.suite import rundir
 
@@ -89,11 +90,9 @@ def _latency_cells(latency: dict | None, variant: str) -> dict[str, Any]:
 
 def config_ids(run_dir: Path) -> list[str]:
     """The configs of a run folder in run.json's order, then any other config folder."""
-    run = rundir.read_if_valid(Path(run_dir) / rundir.RUN_FILE, "run") or {}
+    run = R.read_if_valid(Path(run_dir) / R.RUN_FILE, "run") or {}
     ids = [c["config_id"] for c in run.get("configs", [])]
-    others = sorted(
-        d.name for d in Path(run_dir).iterdir() if d.is_dir() and (d / rundir.CONFIG_FILE).is_file()
-    )
+    others = sorted(d.name for d in Path(run_dir).iterdir() if d.is_dir() and (d / R.CONFIG_FILE).is_file())
     return ids + [i for i in others if i not in ids]
 
 
@@ -106,10 +105,10 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
     rows = []
     for cfg_id in config_ids(run_dir) if ids is None else ids:
         out = rundir.config_dir(run_dir, cfg_id)
-        config = rundir.read_if_valid(out / rundir.CONFIG_FILE, "config") or {}
-        pipeline = rundir.read_if_valid(out / rundir.PIPELINE_FILE, "pipeline") or {}
-        metrics = rundir.read_if_valid(out / rundir.METRICS_FILE, "metrics") or {}
-        latency = rundir.read_if_valid(out / rundir.LATENCY_FILE, "latency")
+        config = R.read_if_valid(out / R.CONFIG_FILE, "config") or {}
+        pipeline = R.read_if_valid(out / R.PIPELINE_FILE, "pipeline") or {}
+        metrics = R.read_if_valid(out / R.METRICS_FILE, "metrics") or {}
+        latency = R.read_if_valid(out / R.LATENCY_FILE, "latency")
         status = pipeline.get("status") or metrics.get("status") or "missing"
         failed = [
             k for k, v in pipeline.items() if isinstance(v, dict) and v.get("status") == StageStatus.FAILED
@@ -126,16 +125,16 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
             {
                 **common,
                 "model": "trained",
-                "variant": rundir.BASE.name,
+                "variant": R.BASE.name,
                 "accuracy": metrics.get("test_accuracy")
                 if metrics.get("status") == Status.COMPLETE
                 else None,
-                **_health_cells(rundir.read_if_valid(out / rundir.HEALTH_FILE, "health")),
-                **_latency_cells(latency, rundir.BASE.name),
+                **_health_cells(R.read_if_valid(out / R.HEALTH_FILE, "health")),
+                **_latency_cells(latency, R.BASE.name),
             }
         )
-        for path in sorted(out.glob(rundir.in_pruned(rundir.PRUNE_FILE))):
-            prune = rundir.read_if_valid(path, "prune")
+        for path in sorted(out.glob(R.in_pruned(R.PRUNE_FILE))):
+            prune = R.read_if_valid(path, "prune")
             if prune is None:
                 continue
             folder = path.parent.name
@@ -147,7 +146,7 @@ def summary_rows(run_dir: Path, ids: list[str] | None = None) -> list[dict[str, 
                     "accuracy": ((prune.get("summary") or {}).get("test_accuracy") or {}).get(
                         "after_finetune"
                     ),
-                    **_health_cells(rundir.read_if_valid(path.parent / rundir.HEALTH_PRUNED_FILE, "health")),
+                    **_health_cells(R.read_if_valid(path.parent / R.HEALTH_PRUNED_FILE, "health")),
                     **_latency_cells(latency, folder),
                 }
             )

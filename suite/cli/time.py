@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from capsbench.export.latency import format_table
+from capsbench.results import LATENCY_FILE
 from capsbench.suite.cli import options
-from capsbench.suite.rundir import LATENCY_FILE
 
 
 def register(sub) -> None:

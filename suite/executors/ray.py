@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from capsbench import results as R
+from capsbench.files import atomic_write
 from capsbench.results import PipelineStatus, StageStatus
 from capsbench.suite.errors import CapsbenchError
 
@@ -187,7 +189,7 @@ def _lost(run_one, cfg, error: BaseException):
     from capsbench.suite.runner import Failure, Outcome, message_of
 
     out = rundir.config_dir(run_one.keywords["run_dir"], cfg)
-    record = rundir.read_if_valid(out / rundir.PIPELINE_FILE, "pipeline") or {}
+    record = R.read_if_valid(out / R.PIPELINE_FILE, "pipeline") or {}
     record = {
         "config_id": cfg.id,
         "label": cfg.label,
@@ -200,6 +202,6 @@ def _lost(run_one, cfg, error: BaseException):
     }
     record["status"] = PipelineStatus.FAILED
     out.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(out / rundir.PIPELINE_FILE, "pipeline", record)
-    rundir.atomic_write(out / rundir.ERROR_FILE, lambda f: f.write(f"worker:\n{error}\n"))
+    R.write_json(out / R.PIPELINE_FILE, "pipeline", record)
+    atomic_write(out / R.ERROR_FILE, lambda f: f.write(f"worker:\n{error}\n"))
     return Outcome(record, {}, [Failure(cfg.id, "worker", error)])

@@ -3,12 +3,12 @@ real test images. The work is suite/exporting.py's."""
 
 from __future__ import annotations
 
+from capsbench import results as R
 from capsbench.export import ExportError
-from capsbench.suite import rundir
+from capsbench.results import present_variants, sha256
 from capsbench.suite.checkpoints import not_trained_message
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.exporting import ExportStatus, export_config, export_done
-from capsbench.suite.rundir import present_variants, sha256
 from capsbench.suite.stages.base import Context, Stage
 
 # --------------------------------------------------------------------------------------------------- stage
@@ -18,7 +18,7 @@ def done(ctx: Context) -> bool:
     out = ctx.out
     return (
         not ctx.settings.force
-        and rundir.is_trained(out)
+        and R.is_trained(out)
         and all(export_done(out, v, sha256(out / v.checkpoint)) for v in present_variants(out))
     )
 
@@ -26,7 +26,7 @@ def done(ctx: Context) -> bool:
 def run(ctx: Context) -> list[dict]:
     """Export every variant; a variant that fails export or parity fails the stage (after the others ran)."""
     s = ctx.settings
-    if not rundir.is_trained(ctx.out):
+    if not R.is_trained(ctx.out):
         raise CheckpointError(not_trained_message(ctx.cfg, ctx.out))
     rows = export_config(
         ctx.cfg,

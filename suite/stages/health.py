@@ -3,31 +3,31 @@ with the checkpoint (measured again when the checkpoint is newer)."""
 
 from __future__ import annotations
 
-from capsbench.suite import rundir
+from capsbench import results as R
 from capsbench.suite import train as training
 from capsbench.suite.errors import CheckpointError
 from capsbench.suite.stages.base import Context, Stage
 
 
 def _output(ctx: Context) -> str:
-    return ctx.settings.health.output or rundir.HEALTH_FILE
+    return ctx.settings.health.output or R.HEALTH_FILE
 
 
 def done(ctx: Context) -> bool:
     s = ctx.settings
     if s.force or s.health.output is not None or s.health.threshold is not None:
         return False  # an explicit measurement is always made
-    health, ckpt = ctx.out / rundir.HEALTH_FILE, ctx.out / rundir.CHECKPOINT_FILE
+    health, ckpt = ctx.out / R.HEALTH_FILE, ctx.out / R.CHECKPOINT_FILE
     return health.is_file() and ckpt.is_file() and health.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns
 
 
 def run(ctx: Context) -> dict:
-    if not rundir.is_trained(ctx.out):
+    if not R.is_trained(ctx.out):
         raise CheckpointError(
-            f"{ctx.cfg.id}: not trained (or its training failed, see {rundir.METRICS_FILE}); run 'capsbench train'"
+            f"{ctx.cfg.id}: not trained (or its training failed, see {R.METRICS_FILE}); run 'capsbench train'"
         )
     if done(ctx):
-        return rundir.read_result(ctx.out / rundir.HEALTH_FILE, "health")
+        return R.read_result(ctx.out / R.HEALTH_FILE, "health")
     return training.measure_health(
         ctx.cfg,
         ctx.out,

@@ -3,7 +3,8 @@ suite/pruning.py, scoring the trained net once."""
 
 from __future__ import annotations
 
-from capsbench.suite import pruning, rundir
+from capsbench import results as R
+from capsbench.suite import pruning
 from capsbench.suite.stages.base import Context, Stage
 
 
@@ -11,7 +12,7 @@ def done(ctx: Context) -> bool:
     if ctx.settings.force:
         return False
     for v in ctx.settings.prune.variants(ctx.cfg.epochs):
-        res = rundir.read_if_valid(ctx.out / v.folder / rundir.PRUNE_FILE, "prune")
+        res = R.read_if_valid(ctx.out / v.folder / R.PRUNE_FILE, "prune")
         if res is None or res.get("settings") != v.to_dict():
             return False
     return True

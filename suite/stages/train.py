@@ -3,8 +3,8 @@ fresh training, the net's health at initialisation as training sees it (batch st
 
 from __future__ import annotations
 
+from capsbench import results as R
 from capsbench.results import Status
-from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.errors import DivergenceError
 from capsbench.suite.stages.base import Context, Stage
@@ -28,14 +28,14 @@ def measure_init_health(ctx: Context) -> dict:
         model, training.eval_batches(images, ctx.device, 128), ctx.cfg.inactive_threshold, ctx.device
     )
     health = {"config_id": ctx.cfg.id, "label": ctx.cfg.label, "images": len(images), **health}
-    rundir.write_json(ctx.out / rundir.HEALTH_INIT_FILE, "health", health)
+    R.write_json(ctx.out / R.HEALTH_INIT_FILE, "health", health)
     return health
 
 
 def run(ctx: Context) -> dict:
     if done(ctx):  # without loading the dataset
-        return rundir.read_result(ctx.out / rundir.METRICS_FILE, "metrics")
-    if ctx.settings.force or not (ctx.out / rundir.HEALTH_INIT_FILE).is_file():
+        return R.read_result(ctx.out / R.METRICS_FILE, "metrics")
+    if ctx.settings.force or not (ctx.out / R.HEALTH_INIT_FILE).is_file():
         measure_init_health(ctx)
     try:
         return training.train(
@@ -55,9 +55,9 @@ def run(ctx: Context) -> dict:
 
 def done(ctx: Context) -> bool:
     """Trained, and in the precision asked for: a bf16 training is not the fp32 one (nor the reverse)."""
-    if ctx.settings.force or not rundir.is_trained(ctx.out):
+    if ctx.settings.force or not R.is_trained(ctx.out):
         return False
-    metrics = rundir.read_if_valid(ctx.out / rundir.METRICS_FILE, "metrics") or {}
+    metrics = R.read_if_valid(ctx.out / R.METRICS_FILE, "metrics") or {}
     return training.trained_precision(metrics) == ctx.settings.train.precision
 
 

@@ -185,7 +185,7 @@ def test_the_smoke_preset_stops_timing_at_two_agreeing_rounds_and_the_others_tim
 def test_the_ort_delay_test_hook_is_a_setting_and_part_of_the_cache_key(tmp_path):
     """A latency timed without the hook is not reused for a run asked to add it, nor the other way round; at 0 the
     settings read as before the hook existed, so finished results stay finished."""
-    from capsbench.suite.rundir import write_json
+    from capsbench.results import write_json
     from capsbench.suite.timing import TimeSettings, finished_latency
 
     plain, slowed = TimeSettings(), TimeSettings(ort_delay_ms=3.0)

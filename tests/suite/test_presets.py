@@ -8,9 +8,10 @@ import math
 
 import pytest
 
+from capsbench.results import HEALTH_FILE, HEALTH_INIT_FILE, METRICS_FILE, read_result
 from capsbench.suite import runner
 from capsbench.suite.presets import PRESETS, RunConfig, get_preset
-from capsbench.suite.rundir import HEALTH_FILE, HEALTH_INIT_FILE, METRICS_FILE, config_dir, read_result
+from capsbench.suite.rundir import config_dir
 from capsbench.suite.stages import Settings
 
 SMOKE_DEEP = next(c for c in get_preset("smoke").configs() if c.model.depth >= 3).replace(

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from capsbench.models import CapsNetConfig, build_capsnet
+from capsbench.results import CHECKPOINT_FILE, SURGERY_FILE, VERDICTS_FILE, read_result
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
-from capsbench.suite.rundir import CHECKPOINT_FILE, SURGERY_FILE, VERDICTS_FILE, read_result
 
 TINY = ["--train-subset", "300", "--eval-subset", "100", "--seeds", "1", "--no-progress"]
 SHALLOW = next(c for c in get_preset("depth").configs() if c.model.depth == 2 and c.model.primary_types == 8)

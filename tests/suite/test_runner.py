@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsbench import results as R
 from capsbench.reports.compare import machine_fingerprint
-from capsbench.suite import rundir
 from capsbench.suite.checkpoints import read_checkpoint
 from capsbench.suite.cli import main
 from capsbench.suite.env import environment
@@ -60,24 +60,24 @@ def run_copy(tiny_run, tmp_path) -> Path:
 
 def test_retraining_a_base_redoes_its_pruned_children(run_copy, fashion_data_dir, cli):
     runs, folder = run_copy.parent, run_copy / CFG.id
-    old_pruned = rundir.sha256(folder / PRUNE / rundir.PRUNED_FILE)
+    old_pruned = R.sha256(folder / PRUNE / R.PRUNED_FILE)
     # Another base under the same config, as `train --force` with other code gives (the same code retrains the
     # same bytes): new weights, recorded by the train stage as its output.
-    state = torch.load(folder / rundir.CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(folder / R.CHECKPOINT_FILE, weights_only=True)
     state["model"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in state["model"].items()}
-    torch.save(state, folder / rundir.CHECKPOINT_FILE)
-    pipeline = _json(folder / rundir.PIPELINE_FILE)
-    pipeline["train"]["outputs"][rundir.CHECKPOINT_FILE] = rundir.sha256(folder / rundir.CHECKPOINT_FILE)
-    (folder / rundir.PIPELINE_FILE).write_text(json.dumps(pipeline))
+    torch.save(state, folder / R.CHECKPOINT_FILE)
+    pipeline = _json(folder / R.PIPELINE_FILE)
+    pipeline["train"]["outputs"][R.CHECKPOINT_FILE] = R.sha256(folder / R.CHECKPOINT_FILE)
+    (folder / R.PIPELINE_FILE).write_text(json.dumps(pipeline))
     again = cli(_all(runs, fashion_data_dir, "--only", "train", "prune", "export"))
     assert again.code == 0
     out = again.out
     assert "train: cached" in out, out
     assert "prune: redoing: checkpoint.pt (which it read) changed" in out, out
     assert "export: redoing: checkpoint.pt (which it read) changed" in out, out
-    assert any("checkpoint.pt" in r for r in _json(folder / rundir.PIPELINE_FILE)["prune"]["redone_because"])
-    assert rundir.sha256(folder / PRUNE / rundir.PRUNED_FILE) != old_pruned
-    assert not (folder / PRUNE / rundir.SURGERY_FILE).exists()
+    assert any("checkpoint.pt" in r for r in _json(folder / R.PIPELINE_FILE)["prune"]["redone_because"])
+    assert R.sha256(folder / PRUNE / R.PRUNED_FILE) != old_pruned
+    assert not (folder / PRUNE / R.SURGERY_FILE).exists()
 
 
 def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_all(
@@ -85,8 +85,8 @@ def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_
 ):
     runs = run_copy.parent
     folder = run_copy / CFG.id
-    shutil.copy(folder / PRUNE / rundir.ONNX_FILE, folder / rundir.ONNX_FILE)  # another model in its place
-    run_json = (run_copy / rundir.RUN_FILE).read_bytes()
+    shutil.copy(folder / PRUNE / R.ONNX_FILE, folder / R.ONNX_FILE)  # another model in its place
+    run_json = (run_copy / R.RUN_FILE).read_bytes()
     common = ["--runs-dir", str(runs), "--data-dir", str(fashion_data_dir), "--configs", SHALLOW.id, *TINY]
     timing = ["--batch-sizes", "1", "--iters", "1", "--warmup", "0"]
     check = cli(["check", str(run_copy), "--baseline", str(tiny_run)])
@@ -100,15 +100,15 @@ def test_a_swapped_onnx_file_is_refused_by_time_cpp_and_check_and_reexported_by_
     cpp = cli(["all", *common, *timing, "--only", "cpp", "--no-progress"])
     assert cpp.code == 2
     assert "not the file export wrote" in cpp.err
-    assert not (folder / rundir.LATENCY_FILE).exists()
+    assert not (folder / R.LATENCY_FILE).exists()
     # A failing invocation leaves run.json as it was.
-    assert (run_copy / rundir.RUN_FILE).read_bytes() == run_json
+    assert (run_copy / R.RUN_FILE).read_bytes() == run_json
     # The runner sees that export's output changed and exports again.
     exported = cli(_all(runs, fashion_data_dir, "--only", "export"))
     assert exported.code == 0
     assert "export: redoing: model.onnx (which it wrote) changed" in exported.out
-    assert rundir.sha256(folder / rundir.ONNX_FILE) == _json(folder / rundir.EXPORT_FILE)["onnx_sha256"]
-    assert rundir.sha256(folder / rundir.ONNX_FILE) == rundir.sha256(tiny_run / CFG.id / rundir.ONNX_FILE)
+    assert R.sha256(folder / R.ONNX_FILE) == _json(folder / R.EXPORT_FILE)["onnx_sha256"]
+    assert R.sha256(folder / R.ONNX_FILE) == R.sha256(tiny_run / CFG.id / R.ONNX_FILE)
 
 
 # ------------------------------------------------------------------------------- 3. history-free global state
@@ -151,7 +151,7 @@ def test_a_stage_s_thread_count_and_grad_mode_do_not_leak_into_the_next_stage(
 def _recorded(folder: Path, stage: str) -> bool:
     """The runner's own 'finished' record of a stage: pipeline.json, written after every stage."""
     try:
-        return _json(folder / rundir.PIPELINE_FILE)[stage]["status"] == "ok"
+        return _json(folder / R.PIPELINE_FILE)[stage]["status"] == "ok"
     except (OSError, ValueError, KeyError, TypeError):
         return False  # not written yet (every write is atomic: never half a file)
 
@@ -177,7 +177,7 @@ def test_timing_runs_its_rounds_at_the_threads_asked_for_and_leaves_this_process
         after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    latency = _json(run_copy / CFG.id / rundir.LATENCY_FILE)
+    latency = _json(run_copy / CFG.id / R.LATENCY_FILE)
     assert latency["machine_probe"]["threads"] == latency["gemm"]["threads"] == 1  # measured in the rounds
     assert after == ours
 
@@ -192,17 +192,17 @@ def test_a_finished_file_whose_record_a_kill_lost_is_reused_and_recorded_again(
     folder = run_copy / CFG.id
     timing = ["--only", "time", "--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--rounds", "1"]
     assert cli(_all(run_copy.parent, fashion_data_dir, *timing)).code == 0
-    latency = (folder / rundir.LATENCY_FILE).read_bytes()
-    pipeline = _json(folder / rundir.PIPELINE_FILE)
+    latency = (folder / R.LATENCY_FILE).read_bytes()
+    pipeline = _json(folder / R.PIPELINE_FILE)
     del pipeline["time"]
-    (folder / rundir.PIPELINE_FILE).write_text(json.dumps(pipeline))
+    (folder / R.PIPELINE_FILE).write_text(json.dumps(pipeline))
     resumed = cli(_all(run_copy.parent, fashion_data_dir, *timing))
     assert resumed.code == 0
     assert "time: ok (cached)" in resumed.out
-    assert (folder / rundir.LATENCY_FILE).read_bytes() == latency
+    assert (folder / R.LATENCY_FILE).read_bytes() == latency
     assert _recorded(folder, "time")
-    assert _json(folder / rundir.PIPELINE_FILE)["time"]["outputs"][rundir.LATENCY_FILE] == rundir.sha256(
-        folder / rundir.LATENCY_FILE
+    assert _json(folder / R.PIPELINE_FILE)["time"]["outputs"][R.LATENCY_FILE] == R.sha256(
+        folder / R.LATENCY_FILE
     )
 
 
@@ -218,7 +218,7 @@ def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_
     original = time_stage.run
 
     def spy(ctx):
-        seen.update(_json(folder / rundir.PIPELINE_FILE))
+        seen.update(_json(folder / R.PIPELINE_FILE))
         return original(ctx)
 
     object.__setattr__(time_stage, "run", spy)
@@ -228,7 +228,7 @@ def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_
     finally:
         object.__setattr__(time_stage, "run", original)
     assert seen["status"] == "running" and seen["export"]["status"] == "ok" and "time" not in seen
-    final = _json(folder / rundir.PIPELINE_FILE)
+    final = _json(folder / R.PIPELINE_FILE)
     assert final["status"] == "complete" and final["time"]["status"] == "ok"
 
 
@@ -236,7 +236,7 @@ def test_pipeline_json_records_each_stage_as_it_finishes(run_copy, fashion_data_
 
 
 def test_check_refuses_a_run_with_missing_results(run_copy, tiny_run, cli):
-    (run_copy / CFG.id / rundir.PARITY_FILE).unlink()
+    (run_copy / CFG.id / R.PARITY_FILE).unlink()
     check = cli(["check", str(run_copy), "--baseline", str(tiny_run)])
     assert check.code == 2
     err = check.err.strip()
@@ -244,7 +244,7 @@ def test_check_refuses_a_run_with_missing_results(run_copy, tiny_run, cli):
 
 
 def test_check_refuses_a_run_with_a_failed_stage(run_copy, tiny_run, cli):
-    path = run_copy / CFG.id / rundir.PIPELINE_FILE
+    path = run_copy / CFG.id / R.PIPELINE_FILE
     pipeline = _json(path)
     pipeline["export"]["status"] = "failed"
     path.write_text(json.dumps(pipeline))
@@ -260,7 +260,7 @@ def test_check_refuses_a_run_with_a_failed_stage(run_copy, tiny_run, cli):
 def test_run_json_is_not_narrowed_and_the_fingerprint_ignores_thread_settings(
     run_copy, fashion_data_dir, cli
 ):
-    run_file = run_copy / rundir.RUN_FILE
+    run_file = run_copy / R.RUN_FILE
     first = _json(run_file)
     assert [c["config_id"] for c in first["configs"]] == [CFG.id]
     # Another config of the preset, run alone: the first one stays listed, and `started` and the environment
@@ -289,22 +289,22 @@ def _tiny() -> dict:
 
 
 def test_a_corrupt_or_deleted_checkpoint_is_trained_again(run_copy, fashion_data_dir, cli):
-    ckpt = run_copy / CFG.id / rundir.CHECKPOINT_FILE
-    good = _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"]
+    ckpt = run_copy / CFG.id / R.CHECKPOINT_FILE
+    good = _json(ckpt.parent / R.METRICS_FILE)["test_accuracy"]
     ckpt.write_bytes(b"garbage")
     again = cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "export"))
     assert again.code == 0
     assert "train: redoing: checkpoint.pt (which it wrote) changed" in again.out
     assert read_checkpoint(CFG, ckpt)["config_id"] == CFG.id
-    assert _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"] == good  # the same training again
+    assert _json(ckpt.parent / R.METRICS_FILE)["test_accuracy"] == good  # the same training again
     ckpt.unlink()  # what the corrupt-checkpoint message advises
     assert cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "health", "export")).code == 0
-    assert _json(ckpt.parent / rundir.METRICS_FILE)["test_accuracy"] == good
+    assert _json(ckpt.parent / R.METRICS_FILE)["test_accuracy"] == good
 
 
 def test_a_newer_schema_is_refused_and_never_overwritten(run_copy, fashion_data_dir, cli):
-    path = run_copy / CFG.id / rundir.METRICS_FILE
-    newer = {**_json(path), "schema_version": rundir.SCHEMA_VERSION + 1}
+    path = run_copy / CFG.id / R.METRICS_FILE
+    newer = {**_json(path), "schema_version": R.SCHEMA_VERSION + 1}
     path.write_text(json.dumps(newer))
     before = path.read_bytes()
     refused = cli(_all(run_copy.parent, fashion_data_dir, "--only", "train", "--force"))
@@ -314,10 +314,10 @@ def test_a_newer_schema_is_refused_and_never_overwritten(run_copy, fashion_data_
 
 
 def test_a_tampered_label_shows_as_invalid_in_the_report(run_copy, cli):
-    path = run_copy / CFG.id / rundir.CONFIG_FILE
+    path = run_copy / CFG.id / R.CONFIG_FILE
     path.write_text(json.dumps({**_json(path), "label": 7}))
     assert cli(["report", str(run_copy)]).code == 0
-    assert "(invalid label: 7)" in (run_copy / rundir.REPORT_FILE).read_text()
+    assert "(invalid label: 7)" in (run_copy / R.REPORT_FILE).read_text()
 
 
 # ------------------------------------------------------------------------------------ 7. files and processes
@@ -325,8 +325,8 @@ def test_a_tampered_label_shows_as_invalid_in_the_report(run_copy, cli):
 
 def test_intermediate_checkpoints_are_removed_once_pruning_is_done(tiny_run):
     sub = tiny_run / CFG.id / PRUNE
-    assert (sub / rundir.PRUNED_FILE).is_file()
-    assert not (sub / rundir.SURGERY_FILE).exists() and not (sub / rundir.FINETUNE_CHECKPOINT).exists()
+    assert (sub / R.PRUNED_FILE).is_file()
+    assert not (sub / R.SURGERY_FILE).exists() and not (sub / R.FINETUNE_CHECKPOINT).exists()
 
 
 # ------------------------------------------------------------------------------- one writer per run folder
@@ -457,11 +457,11 @@ def test_sigterm_during_a_timing_round_stops_its_worker_at_once(run_copy):
     while any(_alive(p) for p in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers)
-    assert not (run_copy / CFG.id / rundir.LATENCY_FILE).exists()
+    assert not (run_copy / CFG.id / R.LATENCY_FILE).exists()
 
 
 def test_health_refuses_a_config_json_edited_by_hand_and_creates_nothing(run_copy, fashion_data_dir, cli):
-    path = run_copy / CFG.id / rundir.CONFIG_FILE
+    path = run_copy / CFG.id / R.CONFIG_FILE
     config = _json(path)
     config["config"]["epochs"] += 1
     path.write_text(json.dumps(config))
@@ -500,7 +500,7 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_nothing_that_looks_f
     assert train.code == 2 and "No space left on device" in err and "Traceback" not in err, err
     assert len(err.splitlines()) == 1, err
     folder = small_fs / "smoke" / CFG.id
-    assert not (folder / rundir.CHECKPOINT_FILE).exists() and not (folder / rundir.METRICS_FILE).exists()
+    assert not (folder / R.CHECKPOINT_FILE).exists() and not (folder / R.METRICS_FILE).exists()
     assert [p.name for p in small_fs.rglob("*.tmp")] == []
 
 

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from capsbench import results as R
 from capsbench.export.latency import cpu_isa
-from capsbench.suite import rundir
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import load_model, load_torch
 from capsbench.suite.presets import get_preset
@@ -182,7 +182,7 @@ def test_bf16_learns_like_fp32_at_equal_steps_and_never_reuses_an_fp32_training(
     again = training.train(PRECISION_RUN, out, splits, device="cpu", progress=False, precision="bf16")
     assert again["precision"] == "bf16" and again["resumed_from_epoch"] is None
     assert again["history"][0]["train_loss"] == bf16["train_loss"]
-    assert load_torch(out / rundir.CHECKPOINT_FILE)["precision"] == "bf16"
+    assert load_torch(out / R.CHECKPOINT_FILE)["precision"] == "bf16"
     assert train_stage.done(_context(PRECISION_RUN, out, "bf16"))
 
 
@@ -191,10 +191,10 @@ def test_a_half_done_training_is_not_resumed_in_the_other_precision(tmp_path, fa
     cfg = PRECISION_RUN.replace(train_subset=128, eval_subset=100, epochs=2)
     splits = training.load_splits(cfg, fashion_data_dir)
     first = training.train(cfg, tmp_path, splits, device="cpu", progress=False, epochs=1)
-    rundir.write_json(tmp_path / rundir.METRICS_FILE, "metrics", {**first, "status": "interrupted"})
+    R.write_json(tmp_path / R.METRICS_FILE, "metrics", {**first, "status": "interrupted"})
     resumed = training.train(cfg, tmp_path, splits, device="cpu", progress=False, precision="fp32")
     assert resumed["resumed_from_epoch"] == 2  # the same precision resumes
-    rundir.write_json(tmp_path / rundir.METRICS_FILE, "metrics", {**first, "status": "interrupted"})
+    R.write_json(tmp_path / R.METRICS_FILE, "metrics", {**first, "status": "interrupted"})
     other = training.train(cfg, tmp_path, splits, device="cpu", progress=False, precision="bf16")
     assert other["resumed_from_epoch"] is None and len(other["history"]) == 2
 
@@ -222,7 +222,7 @@ def test_bench_train_labels_its_rows_with_the_precision(tmp_path, fashion_data_d
         str(fashion_data_dir),
     ]
     assert cli([*args, "--out", str(out)]).code == 0
-    rows = rundir.read_result(out, "train_bench")["rows"]
+    rows = R.read_result(out, "train_bench")["rows"]
     assert [r["precision"] for r in rows] == ["fp32", "bf16"]
     assert all(r["status"] == "ok" for r in rows)
     assert rows[0]["final_loss"] != rows[1]["final_loss"]
@@ -235,6 +235,6 @@ def test_all_trains_in_the_precision_and_compile_policy_it_is_given(tmp_path, fa
     args += ["--epochs", "1", "--train-subset", "256", "--eval-subset", "200", "--no-progress"]
     args += ["--data-dir", str(fashion_data_dir)]
     assert cli([*args, "--precision", "bf16", "--train-compile", "off"]).code == 0
-    (folder,) = [d for d in (tmp_path / "smoke").iterdir() if (d / rundir.METRICS_FILE).is_file()]
-    metrics = rundir.read_result(folder / rundir.METRICS_FILE, "metrics")
+    (folder,) = [d for d in (tmp_path / "smoke").iterdir() if (d / R.METRICS_FILE).is_file()]
+    metrics = R.read_result(folder / R.METRICS_FILE, "metrics")
     assert metrics["precision"] == "bf16" and metrics["compile"] == {"policy": "off", "compiled": False}

@@ -6,9 +6,9 @@ from torch import nn
 
 from capsbench.models import build_capsnet
 from capsbench.models.pruning import count_flops
+from capsbench.results import read_result
 from capsbench.suite import trainbench
 from capsbench.suite.presets import get_preset
-from capsbench.suite.rundir import read_result
 
 SABOUR = get_preset("sabour").configs()[0]
 SMOKE = get_preset("smoke").configs()

@@ -206,7 +206,7 @@ def test_every_claim_of_the_registry_gets_a_verdict_and_the_report_shows_them(tm
     """write_verdicts reads the run folder as the report does; the report shows one row per claim and stratum
     with its non-tied count, the registry's words and the paper's claims apart from the suite's."""
     from capsbench.reports.load import load_run
-    from capsbench.suite.rundir import write_json
+    from capsbench.results import write_json
 
     for seed in range(6):
         for depth, fractions in ((2, [0.0, 0.0]), (3, [0.0, 0.2 + 0.01 * seed, 0.7])):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsbench.results import read_result
 from capsbench.suite import train as training
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
-from capsbench.suite.rundir import read_result
 
 SMOKE = get_preset("smoke").configs()
 SHALLOW = next(c for c in SMOKE if c.model.depth == 0)

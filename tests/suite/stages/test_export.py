@@ -6,14 +6,15 @@ import dataclasses
 import pytest
 import torch
 
+from capsbench import results as R
 from capsbench.models import CapsNetConfig, build_capsnet
 from capsbench.models.config import BACKBONES, PRIMARY_LAYOUTS
+from capsbench.results import read_result
 from capsbench.suite import rundir, runner
 from capsbench.suite import train as training
 from capsbench.suite.checkpoints import save_torch
 from capsbench.suite.cli import main
 from capsbench.suite.presets import get_preset
-from capsbench.suite.rundir import read_result
 from capsbench.suite.stages import ExportSettings, Settings
 
 CFG = next(c for c in get_preset("smoke").configs() if c.model.depth == 0)
@@ -161,10 +162,10 @@ def test_the_export_stage_exports_every_backbone_and_primary_layout(
     torch.manual_seed(0)
     net = build_capsnet(model_cfg)
     save_torch(
-        out / rundir.CHECKPOINT_FILE,
+        out / R.CHECKPOINT_FILE,
         {"config_id": cfg.id, "model_config": model_cfg.to_dict(), "model": net.state_dict()},
     )
-    rundir.write_json(out / rundir.METRICS_FILE, "metrics", {"config_id": cfg.id, "status": "complete"})
+    R.write_json(out / R.METRICS_FILE, "metrics", {"config_id": cfg.id, "status": "complete"})
     result = runner.run(
         [cfg],
         tmp_path,
@@ -174,8 +175,8 @@ def test_the_export_stage_exports_every_backbone_and_primary_layout(
         log=lambda _: None,
     )
     assert [f.message for f in result.failures] == []
-    info = read_result(out / rundir.EXPORT_FILE, "export")
+    info = read_result(out / R.EXPORT_FILE, "export")
     assert info["exporter"] == "dynamo" and "Loop" not in info["op_census"]
-    par = read_result(out / rundir.PARITY_FILE, "parity")
+    par = read_result(out / R.PARITY_FILE, "parity")
     assert par["passed"] and par["images"] == 32
-    assert read_result(out / rundir.PIPELINE_FILE, "pipeline")["export"]["status"] == "ok"
+    assert read_result(out / R.PIPELINE_FILE, "pipeline")["export"]["status"] == "ok"

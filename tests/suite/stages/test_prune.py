@@ -3,16 +3,10 @@ loadable pruned net, prune.json and health_pruned.json, skips finished settings,
 
 import pytest
 
+from capsbench.results import HEALTH_PRUNED_FILE, PRUNE_FILE, PRUNED_FILE, prune_dir_name, read_result
 from capsbench.suite import train as training
 from capsbench.suite.presets import get_preset
-from capsbench.suite.rundir import (
-    HEALTH_PRUNED_FILE,
-    PRUNE_FILE,
-    PRUNED_FILE,
-    config_dir,
-    prune_dir_name,
-    read_result,
-)
+from capsbench.suite.rundir import config_dir
 
 OVERRIDES = {"train_subset": 2000, "eval_subset": 250, "epochs": 1}
 DEEP = next(c for c in get_preset("smoke").configs() if c.model.depth >= 3).replace(**OVERRIDES)
