@@ -72,6 +72,9 @@ def test_gpu_check_allow_cpu_writes_the_cpu_figures(tmp_path, fashion_data_dir):
     rows = {(row["backend"], row["batch"]): row for row in lat["rows"]}
     assert set(rows) == {(b, n) for b in ("ort_cpu", "torch_eager") for n in (1, 4)}
     assert all(row["status"] == "ok" and row["first_run_ms"] > 0 for row in rows.values())
+    # one round of the time stage's procedure: its precision policy and its machine probe at start and end
+    assert lat["precision"]["torch_tf32"] is False and lat["settings"]["rounds"] == 1
+    assert len(lat["machine_probe"]["round_p50_ms"][0]) == 2 and lat["machine_probe"]["gflops_per_s"] > 0
     assert r["doctor"]["will_use"]["ort_provider"] == CPU
     # Every step ran within its timeout.
     assert {k: v["status"] for k, v in r["steps"].items()} == dict.fromkeys(
