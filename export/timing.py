@@ -96,13 +96,14 @@ def sweep_model(
     """Every backend of one exported model at every batch size, side by side in this process: ONNX Runtime
     (IOBinding on CUDA, and CUDA graphs where the provider has them), torch eager and (settings.compile)
     torch.compile. Returns (rows, facts): the session, the model's FLOPs per image, the torch device, and
-    where ORT put the nodes (`node_placement`; always off the CPU provider, on it only with `placement`).
+    where ORT put the nodes (`node_placement`, judged against the session's provider, and `placement_by_op`,
+    the kernels per provider and op type; always off the CPU provider, on it only with `placement`).
     Rows of an ORT session that left compute on another provider say so (`placement_ok: False`)."""
     session = make_session(onnx_path, settings.provider, threads)
     flops = graph_flops(load_onnx(onnx_path, check=False), batch=1)["flops_per_image"]
     ep = session.execution_provider
     device = ep.device if ep.device == "cuda" and torch.cuda.is_available() else "cpu"
-    summary = None
+    summary = by_op = None
     if ep.name != "cpu" or placement:  # which nodes ORT silently left on the CPU: enforced on the rows below
         by_op = placement_by_op(onnx_path, images[:1], provider=ep.name, threads=threads)
         summary = placement_summary(by_op, session.provider)
@@ -136,6 +137,7 @@ def sweep_model(
         "flops_per_image": flops,
         "torch_device": device,
         "node_placement": summary,
+        "placement_by_op": by_op,
     }
     return rows, facts
 

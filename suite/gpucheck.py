@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capsbench.export.sessions import SHAPE_OPS, placement_by_op, placement_summary  # noqa: F401 (tests use them)
+from capsbench.export.sessions import CUDA, SHAPE_OPS, placement_by_op, placement_summary  # noqa: F401 (tests use them)
 
 KIND = "gpu_check"
 DEFAULT_BATCHES = (1, 64)
@@ -206,7 +206,8 @@ def latency_figures(
         "provider": session.provider,
         "session": done["session"],
         "parity": {k: v for k, v in par.items() if not isinstance(v, list | np.ndarray)},
-        **done["node_placement"],
+        # judged against CUDA whichever provider ran (gpu-check's question): on CPU every node is off CUDA
+        **placement_summary(done["placement_by_op"], CUDA),
         "settings": {**settings.to_dict(), "iobinding": cuda, "tf32": False},
         "precision": done["precision"],
         "machine_probe": timing.machine_probe([done]),
