@@ -4,9 +4,11 @@ named by it, and the reports reading through it alone."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +100,65 @@ def test_every_file_a_real_run_writes_is_named_by_the_contract(smoke_all_run):
         for stage in ("train", "health", "export"):
             for pattern in R.STAGE_FILES[stage].required:
                 assert list(folder.glob(pattern)), f"{cid}: {stage} left no {pattern}"
+
+
+# Where keys are data, not field names: the end of a key's path (its parents' keys, then "*" for any key). A
+# variant's or pruning folder's name, a provider, an ONNX op type or domain, a file read, a torch setting's name.
+# The values under such keys are still checked (a variant's session has documented fields).
+DATA_KEYS = [
+    ("onnx_sha256", "*"),  # per variant (the timing files)
+    ("flops_per_image", "*"),
+    ("sessions", "*"),
+    ("node_placement", "*"),  # per variant, and nodes per provider inside each
+    ("torch_device", "*"),
+    ("runner", "*"),  # latency_cpp.json: per variant
+    ("parity", "*"),  # latency_cpp.json: per variant
+    ("session", "placement", "*"),  # the runner's kernels per provider ...
+    ("session", "placement", "*", "*"),  # ... and op type
+    ("ops_off_provider", "*"),
+    ("ops_off_cuda", "*"),
+    ("op_census", "*"),  # per ONNX op type
+    ("opset_imports", "*"),  # per ONNX domain
+    ("torch_settings", "*"),  # torch's precision settings by name
+    ("inputs", "*"),  # pipeline.json: per file read and written
+    ("outputs", "*"),
+]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def _is_data(path: tuple[str, ...]) -> bool:
+    return any(
+        len(path) >= len(p) and all(want in ("*", got) for want, got in zip(p, path[-len(p) :], strict=True))
+        for p in DATA_KEYS
+    )
+
+
+def _undocumented(obj, documented: set[str], path: tuple[str, ...], found: dict[str, str]) -> None:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key not in documented and not _is_data((*path, key)):
+                found.setdefault(key, ".".join(path))
+            _undocumented(value, documented, (*path, key), found)
+    elif isinstance(obj, list):
+        for item in obj:
+            _undocumented(item, documented, (*path, "[]"), found)
+
+
+def test_every_field_of_a_real_run_is_documented_in_the_results_schema(smoke_all_run):
+    """docs/results.md is the schema other tools rely on: every field name (at any depth) of every JSON file a real
+    `capsbench all` run writes appears there in backticks, so a field added without a word in the schema fails
+    here. Keys that are data (variant, stage, file or op names) are left out, and a pipeline record's stage
+    entries are named by the stages' list."""
+    from capsbench.suite import stages
+
+    documented = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", DOCS.read_text()))
+    documented |= set(stages.NAMES)  # pipeline.json: one entry per stage, by name
+    found: dict[str, str] = {}
+    files = sorted(smoke_all_run.rglob("*.json"))
+    assert len(files) > 20, "the smoke run wrote fewer result files than its two configs and pruned nets make"
+    for path in files:
+        _undocumented(json.loads(path.read_text()), documented, (path.name,), found)
+    assert found == {}, "fields missing from docs/results.md (name: first place seen)"
 
 
 @pytest.mark.parametrize(
