@@ -127,7 +127,7 @@ def run(args) -> int:
         preset.timed_configs if args.timed_configs is None else args.timed_configs,
         prune_for=lambda st: options.prune_settings(args, st.prune or preset.prune, pairs=pairs),
     )
-    if len(the_plan.steps) > 1:
+    if sum(bool(step.configs) for step in the_plan.steps) > 1:  # more than one config step: say how it splits
         print("plan: " + "; ".join(the_plan.describe()), flush=True)
     settings = options.stage_settings(
         args,

@@ -212,6 +212,7 @@ def test_a_failing_config_is_recorded_and_the_run_goes_on(tmp_path, fashion_data
     assert _json(tmp_path / "smoke" / cfgs[0].id / "metrics.json")["status"] == "diverged"
     assert _json(tmp_path / "smoke" / cfgs[1].id / "pipeline.json")["status"] == "complete"
     assert "FAILED" in run.out and "report: " in run.out
+    assert "plan: " not in run.out  # one config step (the run-level step aside): nothing to explain
     assert "diverged" in (tmp_path / "smoke" / "report.html").read_text()
 
 
