@@ -111,8 +111,8 @@ DATA_KEYS = [
     ("sessions", "*"),
     ("node_placement", "*"),  # per variant, and nodes per provider inside each
     ("torch_device", "*"),
-    ("runner", "*"),  # latency_cpp.json: per variant
-    ("parity", "*"),  # latency_cpp.json: per variant
+    ("latency_cpp.json", "runner", "*"),  # per variant
+    ("latency_cpp.json", "parity", "*"),  # per variant
     ("session", "placement", "*"),  # the runner's kernels per provider ...
     ("session", "placement", "*", "*"),  # ... and op type
     ("ops_off_provider", "*"),
@@ -120,8 +120,8 @@ DATA_KEYS = [
     ("op_census", "*"),  # per ONNX op type
     ("opset_imports", "*"),  # per ONNX domain
     ("torch_settings", "*"),  # torch's precision settings by name
-    ("inputs", "*"),  # pipeline.json: per file read and written
-    ("outputs", "*"),
+    ("pipeline.json", "*", "inputs", "*"),  # a stage's record: per file read and written
+    ("pipeline.json", "*", "outputs", "*"),
 ]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
